@@ -1,0 +1,143 @@
+"""The embedded `tiny` checkpoint: Z-Image architecture, small configs, random weights.
+
+It is generated deterministically on first use and saved in diffusers format, then loaded
+through the same code as a real download. It draws noise, not pictures: it exists so that
+the service, its tests and CI run anywhere without downloading weights.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_NAME = "zimage-tiny-v1"
+
+# A few sentences to train the byte-level BPE on; any fixed text gives a fixed tokenizer.
+_CORPUS = [
+    "a photo of a cat sitting on a windowsill in the morning light",
+    "an oil painting of a lighthouse on a cliff during a storm, dramatic sky",
+    "a watercolor illustration of a fox in a snowy forest, soft colors",
+    "portrait of an old sailor with a white beard, studio lighting, 85mm",
+    "a futuristic city skyline at night with neon signs and flying cars",
+    "a bowl of ramen with egg and green onions, top view, food photography",
+    "a red vintage steam train opening a zipper in the winter snow, poster",
+    "mountains, river, trees, clouds, sunset, ocean, beach, desert, flowers",
+]
+
+# Same rendering as Qwen3's template for a user turn with add_generation_prompt=True.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+        model_max_length=32768,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_pipeline():
+    """Build the tiny Z-Image pipeline in memory (random weights, fixed seeds)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers.models.transformers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=2048,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(1)
+    transformer = ZImageTransformer2DModel(
+        dim=64,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[8, 12, 12],
+        axes_lens=[1536, 512, 512],
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[8, 8, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def ensure_tiny(root: Path) -> Path:
+    """Return the tiny checkpoint folder under `root`, generating it if it is missing.
+
+    Several replicas may start at once: each builds into its own temporary folder and
+    the first rename wins, so a reader never sees a half-written checkpoint.
+    """
+    final = root / TINY_NAME
+    if (final / "model_index.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=root))
+    try:
+        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,280 @@
+"""Z-Image family: Qwen3 text encoder -> ZImageTransformer2DModel loop -> 16-channel VAE.
+
+The encoder and the denoiser are separate objects because they run in separate replicas
+(a fraction of a GPU for the encoder, a whole one for the denoiser). The step loop is
+ours rather than `ZImagePipeline.__call__`: a pipeline object shares its scheduler state
+and `_interrupt` flag between concurrent calls, and the service needs per-step control
+(cancel, timing). For the same seed, prompt and settings it gives the stock pipeline's
+pixels; tests/engine/test_equivalence.py holds it to that.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers.models.transformers import ZImageTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import AutoModel, AutoTokenizer
+
+from serve_app.engine.cancel import CancelToken
+from serve_app.engine.stages import StageRecorder
+from serve_app.errors import Cancelled, DoesNotFit, PromptTooLong
+from serve_app.params import GenerationParams
+
+FAMILY = "zimage"
+# The stock pipeline's max_sequence_length. Longer prompts are refused, not truncated.
+MAX_PROMPT_TOKENS = 512
+# Named settings a request can start from; its own fields override them.
+PRESETS = {
+    "turbo": {"width": 1024, "height": 1024, "num_inference_steps": 9, "guidance_scale": 0.0},
+}
+DEFAULT_PRESET = "turbo"
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text-encoder output for one request, at the prompt's real length (no padding).
+
+    Args:
+        prompt: [tokens, hidden] hidden states of the prompt.
+        negative: the same for the negative prompt, or None when guidance is off.
+    """
+
+    prompt: torch.Tensor
+    negative: torch.Tensor | None
+
+
+class ZImageEncoder:
+    """Prompt -> Qwen3 `hidden_states[-2]` at the prompt's real length.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer, with its chat template.
+        text_encoder: a Qwen3 model.
+        device: where the text encoder runs.
+        max_tokens: longest accepted prompt, chat template included.
+    """
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device, max_tokens=MAX_PROMPT_TOKENS):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.max_tokens = max_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls, path: Path, device: torch.device, dtype: torch.dtype
+    ) -> "ZImageEncoder":
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        text_encoder = AutoModel.from_pretrained(
+            path / "text_encoder", dtype=dtype, local_files_only=True
+        )
+        return cls(tokenizer, text_encoder, device)
+
+    def _template(self, text: str) -> str:
+        # The stock pipeline's rendering: one user turn, generation prompt, thinking on.
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+
+    def token_ids(self, text: str, param: str = "prompt") -> list[int]:
+        """Token ids of `text` after the chat template; raises PromptTooLong past the limit."""
+        ids = self.tokenizer(self._template(text), add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_tokens:
+            raise PromptTooLong(param, len(ids), self.max_tokens)
+        return ids
+
+    @torch.no_grad()
+    def encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        with_negative: bool,
+        cancel: CancelToken | None = None,
+    ) -> PromptEmbeddings:
+        """Encode a prompt (and, for guidance, the negative prompt; "" if None).
+
+        Both go through one forward, right-padded to the longer one. The model is causal,
+        so right padding leaves every real token's hidden state as it would be alone.
+        Returned tensors are on the CPU, ready to cross to the denoiser's process.
+        """
+        texts = [("prompt", prompt)]
+        if with_negative:
+            texts.append(("negative_prompt", negative_prompt or ""))
+        ids = [self.token_ids(text, param) for param, text in texts]
+        if cancel is not None:
+            cancel.check("encode")
+        longest = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([i + [pad] * (longest - len(i)) for i in ids], device=self.device)
+        mask = torch.tensor(
+            [[1] * len(i) + [0] * (longest - len(i)) for i in ids], device=self.device
+        )
+        hidden = self.text_encoder(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+        ).hidden_states[-2]
+        embeds = [hidden[row, : len(i)].to("cpu") for row, i in enumerate(ids)]
+        return PromptEmbeddings(prompt=embeds[0], negative=embeds[1] if with_negative else None)
+
+
+class ZImageDenoiser:
+    """Embeddings -> latents through our own flow-match Euler loop -> VAE decode -> pixels.
+
+    All state of a call is local to that call; one object serves requests one after
+    another (the deployment runs it on a single worker thread).
+
+    Args:
+        transformer: the ZImageTransformer2DModel.
+        vae: the 16-channel AutoencoderKL.
+        scheduler_config: FlowMatchEulerDiscreteScheduler config; each call builds its own.
+        device: where both models run.
+    """
+
+    def __init__(self, transformer, vae, scheduler_config: dict, device: torch.device):
+        self.transformer = transformer.to(device).eval().requires_grad_(False)
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.scheduler_config = scheduler_config
+        self.device = device
+        # The stock pipeline's vae_scale_factor (8 for 4 blocks); latents are 1/8 of the
+        # image and the transformer patches them 2x2, so sides must be multiples of 16.
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: Path, device: torch.device, dtype: torch.dtype, attention_backend: str = "native"
+    ) -> "ZImageDenoiser":
+        transformer = ZImageTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+        if attention_backend != "native":
+            transformer.set_attention_backend(attention_backend)
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=dtype, local_files_only=True
+        )
+        scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
+        return cls(transformer, vae, scheduler_config, device)
+
+    @property
+    def side_multiple(self) -> int:
+        return self.vae_scale_factor * 2
+
+    def generate(
+        self,
+        params: GenerationParams,
+        embeddings: PromptEmbeddings,
+        cancel: CancelToken | None = None,
+        recorder: StageRecorder | None = None,
+        sigmas: list[float] | None = None,
+    ) -> list[np.ndarray]:
+        """Draw `params.num_images` images; returns HxWx3 uint8 arrays.
+
+        Raises:
+            Cancelled: `cancel` was set; the loop stopped at the next step boundary.
+            DoesNotFit: the device ran out of memory; nothing of the call stays allocated.
+        """
+        cancel = cancel or CancelToken()
+        recorder = recorder or StageRecorder(self.device)
+        try:
+            return self._generate(params, embeddings, cancel, recorder, sigmas)
+        except Cancelled as exc:
+            stopped = exc.args
+        except torch.OutOfMemoryError:
+            stage = next(
+                (name for name, rec in recorder.stages.items() if rec.outcome == "error"), "denoise"
+            )
+            stopped = None
+        # Re-raised outside the except block: the traceback of the original exception holds
+        # the loop's frames, and with them the latents and activations of this call.
+        if stopped is None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DoesNotFit(params.width, params.height, params.num_images, stage)
+        raise Cancelled(*stopped)
+
+    @torch.no_grad()
+    def _generate(self, params, embeddings, cancel, recorder, sigmas) -> list[np.ndarray]:
+        steps = params.num_inference_steps
+        cancel.check("queued", 0, steps)
+        dtype = self.transformer.dtype
+
+        # 1. Prompt embeddings, one per image (and the negatives after them, for guidance)
+        prompt = embeddings.prompt.to(self.device, dtype=dtype)
+        cap_feats = [prompt] * params.num_images
+        if params.uses_guidance:
+            negative = embeddings.negative.to(self.device, dtype=dtype)
+            cap_feats = cap_feats + [negative] * params.num_images
+
+        # 2. Initial noise: drawn on the CPU from the seed, so a seed means the same image
+        #    on every device (as the stock pipeline with a CPU generator).
+        latent_h = 2 * (params.height // (self.vae_scale_factor * 2))
+        latent_w = 2 * (params.width // (self.vae_scale_factor * 2))
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        latents = randn_tensor(
+            (params.num_images, self.transformer.in_channels, latent_h, latent_w),
+            generator=generator,
+            device=self.device,
+            dtype=torch.float32,
+        )
+
+        # 3. Timesteps, from a scheduler that belongs to this call alone
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        image_seq_len = (latent_h // 2) * (latent_w // 2)
+        mu = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        if sigmas is None:
+            sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
+        scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        timesteps = scheduler.timesteps
+        sigma_values = scheduler.sigmas.tolist()  # one host copy, not one sync per step
+        steps = len(timesteps)
+
+        # 4. Denoising loop
+        with recorder.stage("denoise"):
+            for i, t in enumerate(timesteps):
+                cancel.check("denoise", i, steps)
+                if sigma_values[i + 1] == sigma_values[i]:
+                    continue  # dt == 0: the forward could not change the latents
+                with recorder.step():
+                    latents = self._step(latents, t, scheduler.sigmas, i, cap_feats, params)
+
+        # 5. Decode, one image at a time: the VAE's activations dominate peak memory
+        images = []
+        with recorder.stage("decode"):
+            latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            latents = latents + self.vae.config.shift_factor
+            for k in range(params.num_images):
+                cancel.check("decode", steps, steps)
+                image = self.vae.decode(latents[k : k + 1], return_dict=False)[0]
+                image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+                images.append((image * 255).round().to(torch.uint8)[0].cpu().numpy())
+        return images
+
+    def _step(self, latents, t, sigmas, i, cap_feats, params) -> torch.Tensor:
+        n = params.num_images
+        timestep = (1000 - t.expand(n)) / 1000
+        model_input = latents.to(self.transformer.dtype)
+        if params.uses_guidance:
+            model_input = model_input.repeat(2, 1, 1, 1)
+            timestep = timestep.repeat(2)
+        out = self.transformer(
+            list(model_input.unsqueeze(2).unbind(dim=0)), timestep, cap_feats, return_dict=False
+        )[0]
+        if params.uses_guidance:
+            pos = torch.stack([o.float() for o in out[:n]])
+            neg = torch.stack([o.float() for o in out[n:]])
+            noise_pred = pos + params.guidance_scale * (pos - neg)
+        else:
+            noise_pred = torch.stack([o.float() for o in out])
+        # The model predicts the negated velocity; Euler step x += (sigma_next - sigma) * v.
+        noise_pred = -noise_pred.squeeze(2)
+        return latents + (sigmas[i + 1] - sigmas[i]) * noise_pred

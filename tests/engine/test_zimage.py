@@ -1,0 +1,155 @@
+import threading
+
+import numpy as np
+import pytest
+
+from serve_app.engine.cancel import CancelToken
+from serve_app.engine.stages import StageRecorder
+from serve_app.errors import Cancelled, PromptTooLong
+from serve_app.params import GenerationParams
+
+P = GenerationParams("a cat on a windowsill", None, 256, 256, 6, 0.0, 11)
+
+
+def test_embeddings_have_the_prompts_real_length(encoder):
+    emb = encoder.encode("a cat", "blurry, dark, low quality", with_negative=True)
+    n_prompt = len(encoder.token_ids("a cat"))
+    n_negative = len(encoder.token_ids("blurry, dark, low quality"))
+    assert emb.prompt.shape == (n_prompt, 32)
+    assert emb.negative.shape == (n_negative, 32)
+    assert n_prompt < n_negative < 512
+    assert emb.prompt.device.type == "cpu"
+
+
+def test_without_guidance_no_negative_is_encoded(encoder):
+    assert encoder.encode("a cat", "ignored", with_negative=False).negative is None
+
+
+def test_too_long_prompt_says_how_long_and_the_limit(encoder):
+    with pytest.raises(PromptTooLong) as err:
+        encoder.encode("word " * 600, None, with_negative=False)
+    assert err.value.param == "prompt" and err.value.limit == 512 and err.value.tokens > 512
+    assert f"{err.value.tokens} tokens" in str(err.value) and "at most 512" in str(err.value)
+    with pytest.raises(PromptTooLong) as err:
+        encoder.encode("ok", "word " * 600, with_negative=True)
+    assert err.value.param == "negative_prompt"
+
+
+def test_encode_stops_when_cancelled(encoder):
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled) as err:
+        encoder.encode("a cat", None, with_negative=False, cancel=token)
+    assert err.value.stage == "encode"
+
+
+def cancel_on_call(module, token, call_number):
+    """Cancel `token` when `module` is called for the `call_number`-th time."""
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if len(calls) == call_number:
+            token.cancel()
+
+    return module.register_forward_pre_hook(hook), calls
+
+
+def test_cancel_before_start_runs_nothing(encoder, denoiser):
+    emb = encoder.encode(P.prompt, None, False)
+    token = CancelToken()
+    token.cancel()
+    handle, calls = cancel_on_call(denoiser.transformer, CancelToken(), 0)
+    try:
+        with pytest.raises(Cancelled) as err:
+            denoiser.generate(P, emb, cancel=token)
+    finally:
+        handle.remove()
+    assert (err.value.stage, err.value.steps_done, len(calls)) == ("queued", 0, 0)
+
+
+def test_cancel_mid_loop_stops_at_the_next_step(encoder, denoiser):
+    emb = encoder.encode(P.prompt, None, False)
+    token = CancelToken()
+    handle, calls = cancel_on_call(denoiser.transformer, token, 3)
+    recorder = StageRecorder(denoiser.device)
+    try:
+        with pytest.raises(Cancelled) as err:
+            denoiser.generate(P, emb, cancel=token, recorder=recorder)
+    finally:
+        handle.remove()
+    # The step in flight when the cancel came finishes; no further step starts.
+    assert (err.value.stage, err.value.steps_done, err.value.steps_total) == ("denoise", 3, 6)
+    assert len(calls) == 3
+    assert recorder.stages["denoise"].outcome == "cancelled"
+    assert "decode" not in recorder.stages
+
+
+def test_cancel_during_decode_skips_the_remaining_images(encoder, denoiser):
+    p = GenerationParams(P.prompt, None, 256, 256, 2, 0.0, 1, num_images=3)
+    emb = encoder.encode(p.prompt, None, False)
+    token = CancelToken()
+    handle, calls = cancel_on_call(denoiser.vae.decoder, token, 1)
+    recorder = StageRecorder(denoiser.device)
+    try:
+        with pytest.raises(Cancelled) as err:
+            denoiser.generate(p, emb, cancel=token, recorder=recorder)
+    finally:
+        handle.remove()
+    assert (err.value.stage, err.value.steps_done) == ("decode", 2)
+    assert len(calls) == 1
+    assert recorder.stages["decode"].outcome == "cancelled"
+
+
+def test_records_every_stage_and_step(encoder, denoiser):
+    recorder = StageRecorder(denoiser.device)
+    denoiser.generate(P, encoder.encode(P.prompt, None, False), recorder=recorder)
+    assert set(recorder.stages) == {"denoise", "decode"}
+    assert all(rec.outcome == "ok" and rec.seconds > 0 for rec in recorder.stages.values())
+    assert len(recorder.step_seconds) == P.num_inference_steps
+    assert recorder.vram_peaks() == {"denoise": 0, "decode": 0}  # CPU
+
+
+def test_concurrent_calls_do_not_share_state(encoder, denoiser):
+    """Two requests running at once on one denoiser each get their own image."""
+    seeds = [5, 6, 7, 8]
+    emb = encoder.encode(P.prompt, None, False)
+    alone = {
+        s: denoiser.generate(GenerationParams(**{**P.__dict__, "seed": s}), emb)[0] for s in seeds
+    }
+    together = {}
+
+    def run(seed):
+        together[seed] = denoiser.generate(GenerationParams(**{**P.__dict__, "seed": seed}), emb)[0]
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in seeds:
+        np.testing.assert_array_equal(alone[s], together[s])
+
+
+def test_cancelling_one_request_leaves_the_other_running(encoder, denoiser):
+    emb = encoder.encode(P.prompt, None, False)
+    expected = denoiser.generate(P, emb)[0]
+    victim, results = CancelToken(), {}
+
+    def run(name, token):
+        try:
+            results[name] = denoiser.generate(P, emb, cancel=token)[0]
+        except Cancelled as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("victim", victim)),
+        threading.Thread(target=run, args=("other", CancelToken())),
+    ]
+    for t in threads:
+        t.start()
+    victim.cancel()
+    for t in threads:
+        t.join()
+    assert isinstance(results["victim"], Cancelled)
+    np.testing.assert_array_equal(results["other"], expected)
