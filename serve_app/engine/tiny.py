@@ -63,8 +63,14 @@ def _tokenizer():
     return fast
 
 
-def build_tiny_pipeline():
-    """Build the tiny Z-Image pipeline in memory (random weights, fixed seeds)."""
+def build_tiny_pipeline(text_hidden: int = 32, text_layers: int = 3):
+    """Build the tiny Z-Image pipeline in memory (random weights, fixed seeds).
+
+    Args:
+        text_hidden: hidden size of the text encoder (and the transformer's caption input).
+        text_layers: layers of the text encoder. Tests that need an encoder slow enough
+            to be cancelled mid-stage build a wider, deeper one.
+    """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
     from diffusers.models.transformers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
@@ -74,9 +80,9 @@ def build_tiny_pipeline():
     text_encoder = Qwen3Model(
         Qwen3Config(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
+            hidden_size=text_hidden,
+            intermediate_size=text_hidden * 2,
+            num_hidden_layers=text_layers,
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=16,
@@ -91,7 +97,7 @@ def build_tiny_pipeline():
         n_refiner_layers=1,
         n_heads=2,
         n_kv_heads=2,
-        cap_feat_dim=32,
+        cap_feat_dim=text_hidden,
         axes_dims=[8, 12, 12],
         axes_lens=[1536, 512, 512],
     )
@@ -120,19 +126,21 @@ def build_tiny_pipeline():
     )
 
 
-def ensure_tiny(root: Path) -> Path:
-    """Return the tiny checkpoint folder under `root`, generating it if it is missing.
+def ensure_tiny(root: Path, name: str = TINY_NAME, **sizes) -> Path:
+    """Return the checkpoint folder `root/name`, generating it if it is missing.
+
+    `sizes` go to build_tiny_pipeline; the default is the embedded `tiny`.
 
     Several replicas may start at once: each builds into its own temporary folder and
     the first rename wins, so a reader never sees a half-written checkpoint.
     """
-    final = root / TINY_NAME
+    final = root / name
     if (final / "model_index.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build_tiny_pipeline(**sizes).save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, final)
         except OSError:

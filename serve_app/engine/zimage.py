@@ -8,6 +8,7 @@ and `_interrupt` flag between concurrent calls, and the service needs per-step c
 pixels; tests/engine/test_equivalence.py holds it to that.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import AutoModel, AutoTokenizer
 from serve_app.engine.cancel import CancelToken
 from serve_app.engine.stages import StageRecorder
 from serve_app.errors import Cancelled, DoesNotFit, PromptTooLong
-from serve_app.params import GenerationParams
+from serve_app.messages import GenerationParams
 
 FAMILY = "zimage"
 # The stock pipeline's max_sequence_length. Longer prompts are refused, not truncated.
@@ -46,6 +47,31 @@ class PromptEmbeddings:
     prompt: torch.Tensor
     negative: torch.Tensor | None
 
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray | None, str]:
+        """(prompt, negative, dtype name) as numpy arrays of the tensors' raw bits."""
+        dtype = str(self.prompt.dtype).removeprefix("torch.")
+        return _bits(self.prompt), None if self.negative is None else _bits(self.negative), dtype
+
+    @classmethod
+    def from_arrays(
+        cls, prompt: np.ndarray, negative: np.ndarray | None, dtype: str
+    ) -> "PromptEmbeddings":
+        return cls(_unbits(prompt, dtype), None if negative is None else _unbits(negative, dtype))
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _unbits(a: np.ndarray, dtype: str) -> torch.Tensor:
+    # A copy: arrays that arrive through Ray's object store are read-only.
+    t = torch.from_numpy(a.copy())
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+# Called with (stage, steps_done, steps_total) after each step and when decoding starts.
+ProgressFn = Callable[[str, int, int], None]
+
 
 class ZImageEncoder:
     """Prompt -> Qwen3 `hidden_states[-2]` at the prompt's real length.
@@ -56,6 +82,8 @@ class ZImageEncoder:
         device: where the text encoder runs.
         max_tokens: longest accepted prompt, chat template included.
     """
+
+    family = FAMILY
 
     def __init__(self, tokenizer, text_encoder, device: torch.device, max_tokens=MAX_PROMPT_TOKENS):
         self.tokenizer = tokenizer
@@ -135,6 +163,10 @@ class ZImageDenoiser:
         device: where both models run.
     """
 
+    family = FAMILY
+    presets = PRESETS
+    default_preset = DEFAULT_PRESET
+
     def __init__(self, transformer, vae, scheduler_config: dict, device: torch.device):
         self.transformer = transformer.to(device).eval().requires_grad_(False)
         self.vae = vae.to(device).eval().requires_grad_(False)
@@ -170,8 +202,17 @@ class ZImageDenoiser:
         cancel: CancelToken | None = None,
         recorder: StageRecorder | None = None,
         sigmas: list[float] | None = None,
+        progress: ProgressFn | None = None,
     ) -> list[np.ndarray]:
         """Draw `params.num_images` images; returns HxWx3 uint8 arrays.
+
+        Args:
+            params: what to draw.
+            embeddings: the encoder's output for `params`.
+            cancel: checked before every step and every image decode.
+            recorder: receives the "denoise" and "decode" stages and each step's time.
+            sigmas: a custom noise schedule (as the stock pipeline's `sigmas`).
+            progress: told of each finished step and of the start of decoding.
 
         Raises:
             Cancelled: `cancel` was set; the loop stopped at the next step boundary.
@@ -180,7 +221,7 @@ class ZImageDenoiser:
         cancel = cancel or CancelToken()
         recorder = recorder or StageRecorder(self.device)
         try:
-            return self._generate(params, embeddings, cancel, recorder, sigmas)
+            return self._generate(params, embeddings, cancel, recorder, sigmas, progress)
         except Cancelled as exc:
             stopped = exc.args
         except torch.OutOfMemoryError:
@@ -197,7 +238,8 @@ class ZImageDenoiser:
         raise Cancelled(*stopped)
 
     @torch.no_grad()
-    def _generate(self, params, embeddings, cancel, recorder, sigmas) -> list[np.ndarray]:
+    def _generate(self, params, embeddings, cancel, recorder, sigmas, progress):
+        progress = progress or (lambda *_: None)
         steps = params.num_inference_steps
         cancel.check("queued", 0, steps)
         dtype = self.transformer.dtype
@@ -246,9 +288,11 @@ class ZImageDenoiser:
                     continue  # dt == 0: the forward could not change the latents
                 with recorder.step():
                     latents = self._step(latents, t, scheduler.sigmas, i, cap_feats, params)
+                progress("denoise", i + 1, steps)
 
         # 5. Decode, one image at a time: the VAE's activations dominate peak memory
         images = []
+        progress("decode", steps, steps)
         with recorder.stage("decode"):
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
             latents = latents + self.vae.config.shift_factor

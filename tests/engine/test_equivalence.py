@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import ZImagePipeline
 
-from serve_app.params import GenerationParams
+from serve_app.messages import GenerationParams
 
 
 @pytest.fixture(scope="module")

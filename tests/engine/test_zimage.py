@@ -6,7 +6,7 @@ import pytest
 from serve_app.engine.cancel import CancelToken
 from serve_app.engine.stages import StageRecorder
 from serve_app.errors import Cancelled, PromptTooLong
-from serve_app.params import GenerationParams
+from serve_app.messages import GenerationParams
 
 P = GenerationParams("a cat on a windowsill", None, 256, 256, 6, 0.0, 11)
 

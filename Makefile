@@ -1,0 +1,34 @@
+# One entry per habit. `make serve` and `make test` each install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= deploy/serve_config.yaml
+export METRICS_PORT ?= 8080
+
+.PHONY: install serve test lint format bench clean
+
+# The virtualenv is rebuilt when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/serve $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check serve_app tests load_tests
+	$(BIN)/ruff format --check serve_app tests load_tests
+
+format: install
+	$(BIN)/ruff format serve_app tests load_tests
+	$(BIN)/ruff check --fix serve_app tests load_tests
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

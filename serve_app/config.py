@@ -1,0 +1,54 @@
+"""Application settings: the `args` of deploy/serve_config.yaml, read once by the builder.
+
+Unknown keys are errors, so a misspelt setting fails the deploy instead of being ignored.
+Replica counts, GPUs and autoscaling are not here: they are Serve's own `deployments`
+options in the same file.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelSettings(BaseModel):
+    """What the model replicas load and how.
+
+    Args:
+        model: "tiny" (embedded, generated on first use, draws noise) or the path of a
+            local diffusers-format folder, e.g. a download of Tongyi-MAI/Z-Image-Turbo.
+        device: "auto" (CUDA if present, else CPU), "cuda", "cuda:1" or "cpu".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
+        attention_backend: diffusers attention backend of the transformer: "native"
+            (PyTorch SDPA), "flash", "_native_cudnn", "xformers", ...
+        warmup: run one small generation at replica start, so no request pays first-call
+            costs; the replica reports ready only after it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "native"
+    warmup: bool = True
+
+
+class AppConfig(BaseModel):
+    """Settings of the whole application.
+
+    Args:
+        model: see ModelSettings.
+        served_model_name: the id in GET /v1/models and the accepted `model` field;
+            defaults to the family name ("zimage").
+        min_side: smallest accepted image side in pixels.
+        max_side: largest accepted image side in pixels.
+        max_body_bytes: larger request bodies get 413.
+        cancel_wait_s: how long POST /v1/requests/{id}/cancel waits for the stop.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    served_model_name: str | None = None
+    min_side: int = Field(256, ge=16)
+    max_side: int = Field(2048, le=8192)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    cancel_wait_s: float = Field(30.0, gt=0)

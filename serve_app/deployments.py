@@ -1,0 +1,312 @@
+"""The model replicas: thin Serve deployments around the engine.
+
+Each holds an engine object, runs its device work on one worker thread (one request at
+a time, in arrival order, off the replica's event loop), turns Serve's cancellation of a
+call into the engine's per-request CancelToken, and records metrics. No model math here.
+
+Cancellation: Serve cancels a call when its HTTP client leaves or when the ingress
+cancels it. The replica then sees `asyncio.CancelledError`; we set the request's token,
+drop the job if it has not started, or else wait for the loop to stop at its next step
+boundary. The method returns only then, so Serve frees the replica's slot only when the
+device is free.
+"""
+
+import asyncio
+import concurrent.futures
+import logging
+import statistics
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+
+import ray
+from ray import serve
+
+from serve_app.config import ModelSettings
+from serve_app.errors import Cancelled, DoesNotFit
+from serve_app.messages import EncodedPrompt, Generated, GenerationParams, Progress
+from serve_app.metrics import Metrics
+
+logger = logging.getLogger("ray.serve")
+
+VRAM_REFRESH_S = 5.0
+KEEP_CANCELLATIONS = 1000
+
+
+class DeviceWorker:
+    """One thread that runs a replica's device work, one job at a time, in arrival order."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        """Jobs submitted and not started yet."""
+        return self._waiting
+
+    def submit(self, fn: Callable) -> concurrent.futures.Future:
+        def start():
+            self._add(-1)
+            return fn()
+
+        self._add(1)
+        fut = self._pool.submit(start)
+        fut.add_done_callback(lambda f: f.cancelled() and self._add(-1))
+        return fut
+
+    def _add(self, n: int) -> None:
+        with self._lock:
+            self._waiting += n
+
+    async def result(self, fut: concurrent.futures.Future, token):
+        """Await a job; if the awaiting task is cancelled, stop the job first (see stop)."""
+        try:
+            return await asyncio.shield(asyncio.wrap_future(fut))
+        except asyncio.CancelledError:
+            await self.stop(fut, token)
+            raise
+
+    async def stop(self, fut: concurrent.futures.Future, token) -> BaseException | None:
+        """Cancel a job: drop it if it has not started, else set its token and wait until
+        it returns. Returns how it ended: the engine's `Cancelled`, another error, or None
+        if it finished before it saw the token."""
+        token.cancel()
+        if fut.cancel():
+            return Cancelled("queued")
+        wrapped = asyncio.wrap_future(fut)
+        while not wrapped.done():
+            try:
+                await asyncio.wait({wrapped})
+            except asyncio.CancelledError:
+                continue  # cancelled again: still wait, the device is not free yet
+        return fut.exception()
+
+
+def _gpu_ids() -> list[str]:
+    return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
+def _vram_gauges(device, metrics: Metrics, weights_bytes: int) -> None:
+    """Refresh the per-replica VRAM gauges forever (a daemon thread)."""
+    import torch
+
+    while True:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            values = {
+                "allocated": torch.cuda.memory_allocated(device),
+                "reserved": torch.cuda.memory_reserved(device),
+                "free": free,
+                "total": total,
+                "weights": weights_bytes,
+            }
+        else:
+            values = dict.fromkeys(("allocated", "reserved", "free", "total", "weights"), 0)
+        for kind, value in values.items():
+            metrics.vram.set(value, tags={"kind": kind})
+        time.sleep(VRAM_REFRESH_S)
+
+
+def _module_bytes(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+class _Replica:
+    """What both model replicas share: worker thread, metrics, gauges, describe()."""
+
+    def _start(self, engine, weights) -> None:
+        self.engine = engine
+        self.worker = DeviceWorker()
+        self.family = engine.family
+        self.metrics = Metrics()
+        threading.Thread(
+            target=_vram_gauges,
+            args=(engine.device, self.metrics, _module_bytes(*weights)),
+            daemon=True,
+            name="vram-gauges",
+        ).start()
+
+    def _describe(self) -> dict:
+        return {
+            "family": self.engine.family,
+            "device": str(self.engine.device),
+            "gpu_ids": _gpu_ids(),
+            "queue_depth": self.worker.waiting,
+        }
+
+
+@serve.deployment
+class PromptEncoder(_Replica):
+    """Prompt -> embeddings, on a fraction of a GPU (`num_gpus` in deploy/*.yaml)."""
+
+    def __init__(self, settings: ModelSettings):
+        from serve_app.engine import load_encoder  # torch is imported by model replicas only
+
+        engine = load_encoder(settings.model, settings.device, settings.dtype)
+        self._start(engine, [engine.text_encoder])
+
+    async def encode(self, request_id: str, params: GenerationParams) -> EncodedPrompt:
+        from serve_app.engine.cancel import CancelToken
+        from serve_app.engine.stages import StageRecorder
+
+        token, recorder = CancelToken(), StageRecorder(self.engine.device)
+
+        def job():
+            with recorder.stage("encode"):
+                return self.engine.encode(
+                    params.prompt, params.negative_prompt, params.uses_guidance, cancel=token
+                )
+
+        self.metrics.queue_depth.set(self.worker.waiting + 1)
+        try:
+            emb = await self.worker.result(self.worker.submit(job), token)
+        except asyncio.CancelledError:
+            logger.info("request %s cancelled in encode", request_id)
+            raise
+        finally:
+            self.metrics.queue_depth.set(self.worker.waiting)
+        rec = recorder.stages["encode"]
+        self.metrics.stage(self.family, "encode", rec.seconds, rec.vram_peak_bytes)
+        prompt, negative, dtype = emb.to_arrays()
+        return EncodedPrompt(prompt, negative, dtype, recorder.timings_ms(), recorder.vram_peaks())
+
+    def describe(self) -> dict:
+        return {**self._describe(), "max_prompt_tokens": self.engine.max_tokens}
+
+
+@serve.deployment
+class Denoiser(_Replica):
+    """Embeddings -> images (step loop + VAE decode), on a whole GPU (or 0.75 of one)."""
+
+    def __init__(self, settings: ModelSettings):
+        from serve_app.engine import load_denoiser
+
+        started = time.monotonic()
+        engine = load_denoiser(
+            settings.model, settings.device, settings.dtype, settings.attention_backend
+        )
+        self._start(engine, [engine.transformer, engine.vae])
+        self.cancellations: OrderedDict[str, dict] = OrderedDict()
+        if settings.warmup:
+            self._warmup()
+        self.ready_s = time.monotonic() - started
+        logger.info("Denoiser ready in %.1f s on %s", self.ready_s, engine.device)
+
+    def _warmup(self) -> None:
+        import torch
+
+        from serve_app.engine.zimage import PromptEmbeddings
+
+        hidden = self.engine.transformer.config.cap_feat_dim
+        dtype = self.engine.transformer.dtype
+        side = self.engine.side_multiple * 16
+        emb = PromptEmbeddings(torch.zeros(8, hidden, dtype=dtype), None)
+        self.engine.generate(GenerationParams("warmup", None, side, side, 1, 0.0, 0), emb)
+
+    async def generate(
+        self, request_id: str, params: GenerationParams, prompt: EncodedPrompt, sent_at: float
+    ) -> AsyncIterator[Progress | Generated]:
+        """Stream Progress events, then one Generated. Call with `stream=True`.
+
+        Raises (at the caller): DoesNotFit when the device runs out of memory.
+        """
+        from serve_app.engine.cancel import CancelToken
+        from serve_app.engine.stages import StageRecorder
+        from serve_app.engine.zimage import PromptEmbeddings
+
+        token, recorder = CancelToken(), StageRecorder(self.engine.device)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        started: list[float] = []
+
+        def report(stage: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, Progress(stage, done, total))
+
+        def job():
+            started.append(time.time())
+            report("denoise", 0, params.num_inference_steps)
+            emb = PromptEmbeddings.from_arrays(prompt.prompt, prompt.negative, prompt.dtype)
+            return self.engine.generate(params, emb, token, recorder, progress=report)
+
+        fut = self.worker.submit(job)
+        self.metrics.queue_depth.set(self.worker.waiting)
+        wrapped, getter = asyncio.wrap_future(fut), None
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, wrapped}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                yield getter.result()
+            while not events.empty():
+                yield events.get_nowait()
+            images = wrapped.result()
+        except (asyncio.CancelledError, GeneratorExit):
+            if getter is not None:
+                getter.cancel()
+            self._account_cancel(request_id, params, await self.worker.stop(fut, token), token)
+            raise
+        except DoesNotFit as exc:
+            self.metrics.oom.inc(1, tags={"family": self.family})
+            logger.warning("request %s: %s", request_id, exc)
+            raise
+        finally:
+            self.metrics.queue_depth.set(self.worker.waiting)
+
+        queue_s = started[0] - sent_at
+        for name, rec in recorder.stages.items():
+            self.metrics.stage(self.family, name, rec.seconds, rec.vram_peak_bytes)
+        self.metrics.stage(self.family, "queue", queue_s)
+        self.metrics.steps(self.family, recorder.step_seconds, params.width, params.height)
+        yield Generated(
+            images=images,
+            timings_ms={"queue": round(queue_s * 1000, 3), **recorder.timings_ms()},
+            vram=recorder.vram_peaks(),
+            step_ms=round(statistics.median(recorder.step_seconds) * 1000, 3)
+            if recorder.step_seconds
+            else 0.0,
+        )
+
+    def _account_cancel(self, request_id, params, ended: BaseException | None, token) -> None:
+        total = params.num_inference_steps
+        if isinstance(ended, Cancelled):
+            stage, done = ended.stage, ended.steps_done
+        else:  # it finished (or failed) before it saw the token
+            stage, done = "done", total
+        latency = None
+        if token.signalled_at is not None and stage != "queued":
+            latency = time.monotonic() - token.signalled_at
+        self.metrics.cancelled(self.family, total - done, latency)
+        self.cancellations[request_id] = {
+            "stage": stage,
+            "steps_done": done,
+            "steps_total": total,
+            "stop_latency_s": latency,
+        }
+        while len(self.cancellations) > KEEP_CANCELLATIONS:
+            self.cancellations.popitem(last=False)
+        logger.info(
+            "request %s cancelled in %s after %d/%d steps (stopped %s after the signal)",
+            request_id,
+            stage,
+            done,
+            total,
+            "n/a" if latency is None else f"{latency * 1000:.0f} ms",
+        )
+
+    def cancellation(self, request_id: str) -> dict | None:
+        """Where a recently cancelled request stopped on this replica, and how fast: stage,
+        steps_done, steps_total, stop_latency_s (signal to loop stopped). None if unknown."""
+        return self.cancellations.get(request_id)
+
+    def describe(self) -> dict:
+        return {
+            **self._describe(),
+            "presets": self.engine.presets,
+            "default_preset": self.engine.default_preset,
+            "side_multiple": self.engine.side_multiple,
+            "ready_s": round(self.ready_s, 3),
+        }

@@ -1,0 +1,98 @@
+"""The service's Prometheus metrics (names and labels fixed in DESIGN.md).
+
+Recorded through `ray.serve.metrics`, so they leave through Ray's metrics export port with
+Ray Serve's own `deployment`, `replica` and `application` labels added. Ray prefixes
+application metrics with `ray_` on export: `t2i_requests_total` is scraped as
+`ray_t2i_requests_total`. Labels stay low-cardinality: no prompt, no request id, and
+resolution in buckets.
+
+Create one `Metrics` per replica, in the replica's constructor (not at import: the
+metric objects belong to the process that records them).
+"""
+
+from ray.serve import metrics
+
+STAGE_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60]
+STEP_SECONDS = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1]
+VRAM_BYTES = [1e8, 2.5e8, 5e8, 1e9, 2e9, 4e9, 8e9, 12e9, 16e9, 24e9, 32e9, 48e9, 64e9, 80e9, 100e9,
+              141e9, 200e9]  # fmt: skip
+CANCEL_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10]
+
+OUTCOMES = ("ok", "cancelled", "rejected", "invalid", "oom", "error")
+RES_BUCKETS = (512, 768, 1024, 1280, 1536, 2048)
+
+
+def res_bucket(width: int, height: int) -> str:
+    """The side of the smallest square bucket holding width*height pixels, e.g. "1024"."""
+    pixels = width * height
+    return str(next((side for side in RES_BUCKETS if pixels <= side * side), RES_BUCKETS[-1]))
+
+
+class Metrics:
+    """All t2i_* metrics of one replica; each replica records the ones its stages own."""
+
+    def __init__(self) -> None:
+        f = ("family",)
+        self.requests = metrics.Counter(
+            "t2i_requests_total", "Requests by outcome.", tag_keys=("family", "outcome")
+        )
+        self.stage_latency = metrics.Histogram(
+            "t2i_stage_latency_seconds",
+            "Wall time of each stage of a request.",
+            boundaries=STAGE_SECONDS,
+            tag_keys=("family", "stage"),
+        )
+        self.step_latency = metrics.Histogram(
+            "t2i_step_latency_seconds",
+            "Time of one denoising step, by resolution bucket.",
+            boundaries=STEP_SECONDS,
+            tag_keys=("family", "res"),
+        )
+        self.stage_vram_peak = metrics.Histogram(
+            "t2i_stage_vram_peak_bytes",
+            "Peak device memory allocated during a stage.",
+            boundaries=VRAM_BYTES,
+            tag_keys=("family", "stage"),
+        )
+        self.vram = metrics.Gauge(
+            "t2i_vram_bytes", "Device memory of this replica by kind.", tag_keys=("kind",)
+        )
+        self.queue_depth = metrics.Gauge(
+            "t2i_queue_depth", "Requests waiting inside this replica for its device."
+        )
+        self.cancelled_steps = metrics.Counter(
+            "t2i_cancelled_steps_total", "Denoising steps not run because of a cancel.", f
+        )
+        self.cancel_latency = metrics.Histogram(
+            "t2i_cancel_latency_seconds",
+            "From the cancel signal to the step loop stopping.",
+            boundaries=CANCEL_SECONDS,
+            tag_keys=f,
+        )
+        self.oom = metrics.Counter("t2i_oom_total", "Requests that ran out of device memory.", f)
+        self.admission_rejects = metrics.Counter(
+            "t2i_admission_rejects_total", "Requests refused because a queue was full.", f
+        )
+
+    def request(self, family: str, outcome: str) -> None:
+        self.requests.inc(1, tags={"family": family, "outcome": outcome})
+
+    def stage(
+        self, family: str, stage: str, seconds: float, vram_peak_bytes: int | None = None
+    ) -> None:
+        tags = {"family": family, "stage": stage}
+        self.stage_latency.observe(seconds, tags=tags)
+        if vram_peak_bytes is not None:
+            self.stage_vram_peak.observe(vram_peak_bytes, tags=tags)
+
+    def steps(self, family: str, seconds: list[float], width: int, height: int) -> None:
+        tags = {"family": family, "res": res_bucket(width, height)}
+        for s in seconds:
+            self.step_latency.observe(s, tags=tags)
+
+    def cancelled(self, family: str, steps_not_run: int, latency_s: float | None) -> None:
+        tags = {"family": family}
+        if steps_not_run:
+            self.cancelled_steps.inc(steps_not_run, tags=tags)
+        if latency_s is not None:
+            self.cancel_latency.observe(latency_s, tags=tags)

@@ -1,0 +1,157 @@
+"""The HTTP request schema and its validation, in one place.
+
+Field names are the OpenAI Images API's (`prompt, n, size, response_format,
+output_format, output_compression, stream, partial_images, user`) plus the diffusers
+names for what OpenAI has none of (`negative_prompt, num_inference_steps,
+guidance_scale, seed`) and ours (`lora, preset`). Types are strict: "2" is not an int.
+"""
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serve_app.messages import GenerationParams
+
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+MAX_SEED = 2**63 - 1
+MAX_IMAGES = 4
+MAX_STEPS = 100
+
+
+class InvalidRequest(ValueError):
+    """A request that is well-formed HTTP but asks for something we refuse.
+
+    Args:
+        message: what was wrong and what would be accepted.
+        param: the offending field, if one.
+        code: a stable machine-readable reason.
+    """
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message, param, code)
+        self.message, self.param, self.code = message, param, code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1)
+    scale: float = Field(1.0, ge=0.0, le=2.0)
+
+
+class ImageRequest(BaseModel):
+    """Body of POST /v1/images/generations and POST /generate."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(max_length=20_000, description="What to draw.")
+    model: str | None = Field(None, description="A model id from GET /v1/models.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to draw from this prompt.")
+    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "1024x1024".')
+    response_format: Literal["b64_json"] = "b64_json"
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    stream: bool = Field(False, description="Server-sent events with progress.")
+    partial_images: int = Field(0, ge=0, le=3, description="Partial images when streaming.")
+    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+    negative_prompt: str | None = Field(None, max_length=20_000)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    lora: LoraRef | None = None
+    preset: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Operator-set bounds on a request (deploy/serve_config.yaml `args`)."""
+
+    min_side: int = 256
+    max_side: int = 2048
+    side_multiple: int = 16
+
+
+def parse_request(data: object) -> ImageRequest:
+    """Validate a decoded JSON body; raises InvalidRequest naming the first bad field."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object", code="invalid_json")
+    try:
+        return ImageRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _from_validation_error(exc) from None
+
+
+def _from_validation_error(exc: ValidationError) -> InvalidRequest:
+    err = exc.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(ImageRequest.model_fields)
+        return InvalidRequest(
+            f"unknown field '{param}'; accepted fields: {allowed}", param, "unknown_parameter"
+        )
+    if kind == "missing":
+        return InvalidRequest(f"'{param}' is required", param, "missing_parameter")
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "an object"
+    message = err["msg"].removeprefix("Value error, ")
+    return InvalidRequest(f"'{param}': {message} (got {shown})", param, "invalid_value")
+
+
+def resolve(
+    req: ImageRequest,
+    presets: dict[str, dict],
+    default_preset: str,
+    limits: Limits,
+) -> GenerationParams:
+    """Apply the preset, check the size against `limits`, pick a seed if none was given."""
+    name = req.preset or default_preset
+    if name not in presets:
+        raise InvalidRequest(
+            f"unknown preset '{name}'; available: {', '.join(sorted(presets))}", "preset"
+        )
+    preset = presets[name]
+    width, height = preset["width"], preset["height"]
+    if req.size is not None and req.size != "auto":
+        width, height = parse_size(req.size, limits)
+    return GenerationParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=req.num_inference_steps or preset["num_inference_steps"],
+        guidance_scale=(
+            preset["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
+        ),
+        seed=secrets.randbelow(2**53) if req.seed is None else req.seed,
+        num_images=req.n,
+    )
+
+
+def parse_size(size: str, limits: Limits) -> tuple[int, int]:
+    accepted = (
+        f"each side a multiple of {limits.side_multiple} from {limits.min_side} to "
+        f"{limits.max_side}, e.g. '1024x1024' or '1280x768'"
+    )
+    match = _SIZE.match(size)
+    if not match:
+        raise InvalidRequest(f"size '{size}' is not 'WIDTHxHEIGHT'; use {accepted}", "size")
+    width, height = int(match[1]), int(match[2])
+    for side_name, side in (("width", width), ("height", height)):
+        if side % limits.side_multiple or not limits.min_side <= side <= limits.max_side:
+            raise InvalidRequest(
+                f"size '{size}': {side_name} {side} is out of range; {accepted}", "size"
+            )
+    return width, height

@@ -1,0 +1,122 @@
+"""The application over real HTTP: placement, routes, the official openai client."""
+
+import base64
+import io
+
+import httpx
+import openai
+import pytest
+import ray
+from PIL import Image
+
+from tests.serve.conftest import NUM_GPUS, deployment_config
+
+pytestmark = pytest.mark.serve
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def test_replicas_are_placed_on_gpus_as_the_config_says(service):
+    enc = service.handle("PromptEncoder").describe.remote().result()
+    den = service.handle("Denoiser").describe.remote().result()
+    # Real Ray placement of logical GPUs: both fractions share one card.
+    assert enc["gpu_ids"] == den["gpu_ids"] and len(den["gpu_ids"]) == 1
+    enc_gpus = deployment_config(service.config, "PromptEncoder")["ray_actor_options"]["num_gpus"]
+    den_gpus = deployment_config(service.config, "Denoiser")["ray_actor_options"]["num_gpus"]
+    assert (enc_gpus, den_gpus) == (0.25, 0.75)
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(NUM_GPUS - enc_gpus - den_gpus)
+    assert (
+        "GPU" not in (deployment_config(service.config, "Ingress")["ray_actor_options"])
+    )  # the ingress is CPU only
+    assert den["device"] == "cpu"  # no CUDA here: the engine runs on the CPU
+
+
+def test_openai_client_gets_a_png_of_the_requested_size(service):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(
+        prompt="a red fox in the snow", size="320x256", n=2, response_format="b64_json"
+    )
+    assert len(result.data) == 2
+    for item in result.data:
+        image = png(base64.b64decode(item.b64_json))
+        assert (image.format, image.size, image.mode) == ("PNG", (320, 256), "RGB")
+    extra = result.model_extra
+    assert isinstance(extra["seed"], int)
+    assert set(extra["timings"]) == {"encode", "queue", "denoise", "decode", "encode_image", "e2e"}
+    assert set(extra["vram"]) == {"encode", "denoise", "decode"}
+    assert all(v == 0 for v in extra["vram"].values())  # CPU
+
+
+def test_openai_client_lists_the_model(service):
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
+    [model] = client.models.list().data
+    assert model.id == "zimage"
+    assert model.model_extra["family"] == "zimage"
+    assert model.model_extra["presets"]["turbo"]["num_inference_steps"] == 9
+    assert model.model_extra["limits"]["max_prompt_tokens"] == 512
+
+
+def test_generate_answers_png_bytes(service):
+    with service.client() as http:
+        r = http.post("/generate", json={"prompt": "a lighthouse", "size": "256x384", "seed": 3})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert png(r.content).size == (256, 384)
+    assert r.headers["x-seed"] == "3"
+    assert "denoise;dur=" in r.headers["server-timing"]
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpeg"])
+def test_output_format(service, fmt):
+    with service.client() as http:
+        r = http.post(
+            "/generate", json={"prompt": "a lighthouse", "size": "256x256", "output_format": fmt}
+        )
+    assert r.status_code == 200 and r.headers["content-type"] == f"image/{fmt}"
+    assert png(r.content).format == fmt.upper()
+
+
+def test_same_seed_same_image_and_other_seed_another(service):
+    body = {"prompt": "a bowl of ramen", "size": "256x256", "num_inference_steps": 4}
+    with service.client() as http:
+        a = http.post("/generate", json={**body, "seed": 7}).content
+        b = http.post("/generate", json={**body, "seed": 7}).content
+        c = http.post("/generate", json={**body, "seed": 8}).content
+    assert a == b and a != c
+
+
+def test_every_response_carries_a_request_id(service):
+    with service.client() as http:
+        mine = http.get("/healthz", headers={"X-Request-Id": "my-id-1"})
+        theirs = http.post("/v1/images/generations", json={"prompt": ""})
+    assert mine.headers["x-request-id"] == "my-id-1"
+    assert len(theirs.headers["x-request-id"]) >= 16
+
+
+def test_json_body_reports_seed_and_settings(service):
+    with service.client() as http:
+        r = http.post(
+            "/v1/images/generations",
+            json={"prompt": "a cat", "size": "256x256", "seed": 99, "guidance_scale": 2.5},
+            headers={"X-Request-Id": "json-body-1"},
+        )
+    body = r.json()
+    assert r.status_code == 200
+    assert (body["seed"], body["id"], body["size"]) == (99, "json-body-1", "256x256")
+    assert (body["num_inference_steps"], body["guidance_scale"]) == (9, 2.5)
+    assert body["timings"]["e2e"] >= body["timings"]["denoise"] > 0
+
+
+def test_health_and_readiness(service):
+    with service.client() as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["denoiser"]["family"] == "zimage"
+
+
+def test_web_page_is_served(service):
+    r = httpx.get(f"{service.url}/")
+    assert r.status_code == 200 and "/v1/images/generations" in r.text
