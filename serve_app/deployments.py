@@ -13,6 +13,7 @@ device is free.
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import statistics
 import threading
@@ -115,13 +116,14 @@ def _module_bytes(*modules) -> int:
 
 
 class _Replica:
-    """What both model replicas share: worker thread, metrics, gauges, describe()."""
+    """What both model replicas share: worker thread, metrics, gauges, cancel records."""
 
     def _start(self, engine, weights) -> None:
         self.engine = engine
-        self.worker = DeviceWorker()
         self.family = engine.family
+        self.worker = DeviceWorker()
         self.metrics = Metrics()
+        self.cancellations: OrderedDict[str, dict] = OrderedDict()
         threading.Thread(
             target=_vram_gauges,
             args=(engine.device, self.metrics, _module_bytes(*weights)),
@@ -129,9 +131,21 @@ class _Replica:
             name="vram-gauges",
         ).start()
 
+    def _record_cancel(self, request_id: str, record: dict) -> None:
+        self.cancellations[request_id] = record
+        while len(self.cancellations) > KEEP_CANCELLATIONS:
+            self.cancellations.popitem(last=False)
+        logger.info("request %s cancelled: %s", request_id, json.dumps(record))
+
+    def cancellation(self, request_id: str) -> dict | None:
+        """Where a recently cancelled request stopped on this replica: its stage and, for
+        the denoiser, steps done and how long the loop took to stop after the signal.
+        None if this replica has no record of it (the last 1000 are kept)."""
+        return self.cancellations.get(request_id)
+
     def _describe(self) -> dict:
         return {
-            "family": self.engine.family,
+            "family": self.family,
             "device": str(self.engine.device),
             "gpu_ids": _gpu_ids(),
             "queue_depth": self.worker.waiting,
@@ -160,11 +174,14 @@ class PromptEncoder(_Replica):
                     params.prompt, params.negative_prompt, params.uses_guidance, cancel=token
                 )
 
-        self.metrics.queue_depth.set(self.worker.waiting + 1)
+        fut = self.worker.submit(job)
+        self.metrics.queue_depth.set(self.worker.waiting)
         try:
-            emb = await self.worker.result(self.worker.submit(job), token)
+            emb = await asyncio.shield(asyncio.wrap_future(fut))
         except asyncio.CancelledError:
-            logger.info("request %s cancelled in encode", request_id)
+            ended = await self.worker.stop(fut, token)
+            queued = isinstance(ended, Cancelled) and ended.stage == "queued"
+            self._record_cancel(request_id, {"stage": "queued" if queued else "encode"})
             raise
         finally:
             self.metrics.queue_depth.set(self.worker.waiting)
@@ -189,7 +206,6 @@ class Denoiser(_Replica):
             settings.model, settings.device, settings.dtype, settings.attention_backend
         )
         self._start(engine, [engine.transformer, engine.vae])
-        self.cancellations: OrderedDict[str, dict] = OrderedDict()
         if settings.warmup:
             self._warmup()
         self.ready_s = time.monotonic() - started
@@ -210,6 +226,12 @@ class Denoiser(_Replica):
         self, request_id: str, params: GenerationParams, prompt: EncodedPrompt, sent_at: float
     ) -> AsyncIterator[Progress | Generated]:
         """Stream Progress events, then one Generated. Call with `stream=True`.
+
+        Args:
+            request_id: for logs and cancel records.
+            params: what to draw.
+            prompt: the encoder's answer for `params`.
+            sent_at: time.time() when the caller sent the call (for the queue time).
 
         Raises (at the caller): DoesNotFit when the device runs out of memory.
         """
@@ -247,7 +269,8 @@ class Denoiser(_Replica):
         except (asyncio.CancelledError, GeneratorExit):
             if getter is not None:
                 getter.cancel()
-            self._account_cancel(request_id, params, await self.worker.stop(fut, token), token)
+            ended = await self.worker.stop(fut, token)
+            self._account_cancel(request_id, params, ended, token, recorder.step_seconds)
             raise
         except DoesNotFit as exc:
             self.metrics.oom.inc(1, tags={"family": self.family})
@@ -261,16 +284,15 @@ class Denoiser(_Replica):
             self.metrics.stage(self.family, name, rec.seconds, rec.vram_peak_bytes)
         self.metrics.stage(self.family, "queue", queue_s)
         self.metrics.steps(self.family, recorder.step_seconds, params.width, params.height)
+        steps = recorder.step_seconds
         yield Generated(
             images=images,
             timings_ms={"queue": round(queue_s * 1000, 3), **recorder.timings_ms()},
             vram=recorder.vram_peaks(),
-            step_ms=round(statistics.median(recorder.step_seconds) * 1000, 3)
-            if recorder.step_seconds
-            else 0.0,
+            step_ms=round(statistics.median(steps) * 1000, 3) if steps else 0.0,
         )
 
-    def _account_cancel(self, request_id, params, ended: BaseException | None, token) -> None:
+    def _account_cancel(self, request_id, params, ended, token, step_seconds) -> None:
         total = params.num_inference_steps
         if isinstance(ended, Cancelled):
             stage, done = ended.stage, ended.steps_done
@@ -280,27 +302,16 @@ class Denoiser(_Replica):
         if token.signalled_at is not None and stage != "queued":
             latency = time.monotonic() - token.signalled_at
         self.metrics.cancelled(self.family, total - done, latency)
-        self.cancellations[request_id] = {
-            "stage": stage,
-            "steps_done": done,
-            "steps_total": total,
-            "stop_latency_s": latency,
-        }
-        while len(self.cancellations) > KEEP_CANCELLATIONS:
-            self.cancellations.popitem(last=False)
-        logger.info(
-            "request %s cancelled in %s after %d/%d steps (stopped %s after the signal)",
+        self._record_cancel(
             request_id,
-            stage,
-            done,
-            total,
-            "n/a" if latency is None else f"{latency * 1000:.0f} ms",
+            {
+                "stage": stage,
+                "steps_done": done,
+                "steps_total": total,
+                "stop_latency_s": latency,
+                "max_step_s": max(step_seconds, default=None),
+            },
         )
-
-    def cancellation(self, request_id: str) -> dict | None:
-        """Where a recently cancelled request stopped on this replica, and how fast: stage,
-        steps_done, steps_total, stop_latency_s (signal to loop stopped). None if unknown."""
-        return self.cancellations.get(request_id)
 
     def describe(self) -> dict:
         return {

@@ -45,14 +45,15 @@ class InFlight:
     def __init__(self) -> None:
         self._records: dict[str, _Record] = {}
 
-    async def open(self, request_id: str) -> None:
-        """Register a request; raises DuplicateRequestId if the id is in flight already."""
+    async def open(self, request_id: str) -> bool:
+        """Register a request; False if a request with this id is in flight already."""
         now = time.monotonic()
         for rid in [r for r, rec in self._records.items() if now - rec.opened > STALE_AFTER_S]:
             self._records.pop(rid, None)
         if request_id in self._records:
-            raise DuplicateRequestId(request_id)
+            return False
         self._records[request_id] = _Record()
+        return True
 
     async def watch(self, request_id: str) -> bool:
         """Return True when a cancel is requested (False at once for an unknown id). The

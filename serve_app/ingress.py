@@ -371,12 +371,13 @@ class Ingress:
         """Run a request while listening for a cancel by id (from any ingress replica)."""
         watch = None
         try:
-            await self.inflight.open.remote(request_id)
-            watch = self.inflight.watch.remote(request_id)
-        except DuplicateRequestId:
-            raise
+            opened = await self.inflight.open.remote(request_id)
         except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
             logger.warning("request %s: cancel-by-id unavailable", request_id, exc_info=True)
+        else:
+            if not opened:
+                raise DuplicateRequestId(request_id)
+            watch = self.inflight.watch.remote(request_id)
 
         work = asyncio.ensure_future(self._run(request_id, params, req, state))
         listen = asyncio.ensure_future(_call(watch)) if watch is not None else None

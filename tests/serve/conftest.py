@@ -46,8 +46,8 @@ class Service:
     def handle(self, deployment: str):
         return serve.get_deployment_handle(deployment, app_name=APP)
 
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+    def client(self, timeout: float = 120, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="session")
