@@ -206,6 +206,7 @@ class Denoiser(_Replica):
             settings.model, settings.device, settings.dtype, settings.attention_backend
         )
         self._start(engine, [engine.transformer, engine.vae])
+        self.metrics.start_at_zero(self.family, self.metrics.cancelled_steps, self.metrics.oom)
         if settings.warmup:
             self._warmup()
         self.ready_s = time.monotonic() - started

@@ -195,6 +195,9 @@ class Ingress:
                 )
             except (TimeoutError, DeploymentUnavailableError, RayTaskError) as exc:
                 raise NotReady(f"the model replicas are not ready ({type(exc).__name__})") from exc
+            self.metrics.start_at_zero(
+                den["family"], self.metrics.requests, self.metrics.admission_rejects
+            )
             self._model = {
                 "id": self.config.served_model_name or den["family"],
                 "family": den["family"],

@@ -6,6 +6,11 @@ application metrics with `ray_` on export: `t2i_requests_total` is scraped as
 `ray_t2i_requests_total`. Labels stay low-cardinality: no prompt, no request id, and
 resolution in buckets.
 
+Ray exports a histogram's `_sum` from bucket midpoints, not the observed values: use the
+buckets (histogram_quantile) for latency and VRAM, not sum/count averages. The exact
+peak of the last request per stage is also kept in `t2i_stage_vram_peak_last_bytes`
+(an addition to DESIGN.md's list).
+
 Create one `Metrics` per replica, in the replica's constructor (not at import: the
 metric objects belong to the process that records them).
 """
@@ -14,8 +19,12 @@ from ray.serve import metrics
 
 STAGE_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60]
 STEP_SECONDS = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5, 0.75, 1]
-VRAM_BYTES = [1e8, 2.5e8, 5e8, 1e9, 2e9, 4e9, 8e9, 12e9, 16e9, 24e9, 32e9, 48e9, 64e9, 80e9, 100e9,
-              141e9, 200e9]  # fmt: skip
+# 100 MB to 200 GB: fine steps where today's cards and models sit (1 GB up to 48 GB).
+VRAM_BYTES = (
+    [1e8, 2.5e8, 5e8, 7.5e8]
+    + [gb * 1e9 for gb in range(1, 49)]
+    + [56e9, 64e9, 72e9, 80e9, 96e9, 112e9, 128e9, 141e9, 160e9, 200e9]
+)
 CANCEL_SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10]
 
 OUTCOMES = ("ok", "cancelled", "rejected", "invalid", "oom", "error")
@@ -54,6 +63,11 @@ class Metrics:
             boundaries=VRAM_BYTES,
             tag_keys=("family", "stage"),
         )
+        self.stage_vram_peak_last = metrics.Gauge(
+            "t2i_stage_vram_peak_last_bytes",
+            "Peak device memory of the last request's stage on this replica (exact).",
+            tag_keys=("family", "stage"),
+        )
         self.vram = metrics.Gauge(
             "t2i_vram_bytes", "Device memory of this replica by kind.", tag_keys=("kind",)
         )
@@ -74,6 +88,17 @@ class Metrics:
             "t2i_admission_rejects_total", "Requests refused because a queue was full.", f
         )
 
+    def start_at_zero(self, family: str, *counters: metrics.Counter) -> None:
+        """Export `counters` (the ones this replica owns) at 0 before their first event,
+        as Prometheus advises, so that rates and alerts see a series from the start.
+        (Ray's Counter.inc refuses 0; `_record` is what it calls.)"""
+        for counter in counters:
+            if counter is self.requests:
+                for outcome in OUTCOMES:
+                    counter._record(0, tags={"family": family, "outcome": outcome})
+            else:
+                counter._record(0, tags={"family": family})
+
     def request(self, family: str, outcome: str) -> None:
         self.requests.inc(1, tags={"family": family, "outcome": outcome})
 
@@ -84,6 +109,7 @@ class Metrics:
         self.stage_latency.observe(seconds, tags=tags)
         if vram_peak_bytes is not None:
             self.stage_vram_peak.observe(vram_peak_bytes, tags=tags)
+            self.stage_vram_peak_last.set(vram_peak_bytes, tags=tags)
 
     def steps(self, family: str, seconds: list[float], width: int, height: int) -> None:
         tags = {"family": family, "res": res_bucket(width, height)}
