@@ -5,7 +5,7 @@ Replica counts, GPUs and autoscaling are not here: they are Serve's own `deploym
 options in the same file.
 """
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ModelSettings(BaseModel):
@@ -18,8 +18,11 @@ class ModelSettings(BaseModel):
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
         attention_backend: diffusers attention backend of the transformer: "native"
             (PyTorch SDPA), "flash", "_native_cudnn", "xformers", ...
-        warmup: run one small generation at replica start, so no request pays first-call
-            costs; the replica reports ready only after it.
+        compile: torch.compile the transformer's repeated blocks (GPU; about 1.5x faster
+            steps). Compiled once, with dynamic shapes, during warm-up.
+        warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
+            without guidance, so that no request pays compilation or first-call costs;
+            the replica reports ready only after them. Empty: the smallest size only.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -28,7 +31,20 @@ class ModelSettings(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "native"
-    warmup: bool = True
+    compile: bool = False
+    warmup_sizes: list[str] = Field(default_factory=list)
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            w, _, h = size.partition("x")
+            if not (w.isdigit() and h.isdigit()):
+                raise ValueError(f"warmup size {size!r} is not 'WIDTHxHEIGHT'")
+        return sizes
+
+    def parsed_warmup_sizes(self) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in s.split("x")) for s in self.warmup_sizes]
 
 
 class AppConfig(BaseModel):

@@ -203,25 +203,25 @@ class Denoiser(_Replica):
 
         started = time.monotonic()
         engine = load_denoiser(
-            settings.model, settings.device, settings.dtype, settings.attention_backend
+            settings.model,
+            settings.device,
+            settings.dtype,
+            settings.attention_backend,
+            settings.compile,
         )
         self._start(engine, [engine.transformer, engine.vae])
         self.metrics.start_at_zero(self.family, self.metrics.cancelled_steps, self.metrics.oom)
-        if settings.warmup:
-            self._warmup()
+        loaded = time.monotonic()
+        smallest = engine.side_multiple * 16
+        self.warmup_s = engine.warmup(settings.parsed_warmup_sizes() or [(smallest, smallest)])
         self.ready_s = time.monotonic() - started
-        logger.info("Denoiser ready in %.1f s on %s", self.ready_s, engine.device)
-
-    def _warmup(self) -> None:
-        import torch
-
-        from serve_app.engine.zimage import PromptEmbeddings
-
-        hidden = self.engine.transformer.config.cap_feat_dim
-        dtype = self.engine.transformer.dtype
-        side = self.engine.side_multiple * 16
-        emb = PromptEmbeddings(torch.zeros(8, hidden, dtype=dtype), None)
-        self.engine.generate(GenerationParams("warmup", None, side, side, 1, 0.0, 0), emb)
+        logger.info(
+            "Denoiser ready in %.1f s on %s (load %.1f s, warm-up %s)",
+            self.ready_s,
+            engine.device,
+            loaded - started,
+            self.warmup_s,
+        )
 
     async def generate(
         self, request_id: str, params: GenerationParams, prompt: EncodedPrompt, sent_at: float
@@ -321,4 +321,13 @@ class Denoiser(_Replica):
             "default_preset": self.engine.default_preset,
             "side_multiple": self.engine.side_multiple,
             "ready_s": round(self.ready_s, 3),
+            "warmup_s": self.warmup_s,
+            "memory_allocated": self._memory_allocated(),
         }
+
+    def _memory_allocated(self) -> int:
+        import torch
+
+        if self.engine.device.type != "cuda":
+            return 0
+        return torch.cuda.memory_allocated(self.engine.device)

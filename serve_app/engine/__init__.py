@@ -39,11 +39,15 @@ def load_encoder(model: str, device: str = "auto", dtype: str = "auto"):
 
 
 def load_denoiser(
-    model: str, device: str = "auto", dtype: str = "auto", attention_backend: str = "native"
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    attention_backend: str = "native",
+    compile: bool = False,
 ):
     """Load the denoiser (transformer + VAE + scheduler config) of `model`."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
     return FAMILY_MODULES[family].ZImageDenoiser.from_pretrained(
-        path, dev, pick_dtype(dtype, dev), attention_backend
+        path, dev, pick_dtype(dtype, dev), attention_backend, compile
     )

@@ -8,6 +8,7 @@ and `_interrupt` flag between concurrent calls, and the service needs per-step c
 pixels; tests/engine/test_equivalence.py holds it to that.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,18 +179,54 @@ class ZImageDenoiser:
 
     @classmethod
     def from_pretrained(
-        cls, path: Path, device: torch.device, dtype: torch.dtype, attention_backend: str = "native"
+        cls,
+        path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_backend: str = "native",
+        compile: bool = False,
     ) -> "ZImageDenoiser":
+        """Load from a diffusers-format folder.
+
+        Args:
+            path: the folder (model_index.json, transformer/, vae/, scheduler/).
+            device: where to run.
+            dtype: weights and compute dtype of both models.
+            attention_backend: a diffusers attention backend name; "native" is SDPA.
+            compile: torch.compile the transformer's repeated blocks (regional
+                compilation, dynamic shapes: one compilation serves every size, prompt
+                length and batch). The first call compiles; see `warmup`.
+        """
         transformer = ZImageTransformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
         if attention_backend != "native":
             transformer.set_attention_backend(attention_backend)
+        if compile:
+            transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         return cls(transformer, vae, scheduler_config, device)
+
+    def warmup(self, sizes: list[tuple[int, int]]) -> dict[str, float]:
+        """Run a one-step generation per (width, height), without and with guidance, so
+        that compilation, kernel selection and allocator growth happen before the first
+        request. Returns the seconds each size took."""
+        hidden = self.transformer.config.cap_feat_dim
+        dtype = self.transformer.dtype
+        emb = PromptEmbeddings(
+            torch.zeros(8, hidden, dtype=dtype), torch.zeros(5, hidden, dtype=dtype)
+        )
+        took = {}
+        for width, height in sizes:
+            start = time.perf_counter()
+            for guidance in (0.0, 1.0):
+                params = GenerationParams("warmup", None, width, height, 1, guidance, 0)
+                self.generate(params, emb)
+            took[f"{width}x{height}"] = round(time.perf_counter() - start, 3)
+        return took
 
     @property
     def side_multiple(self) -> int:

@@ -9,7 +9,8 @@ import pytest
 import ray
 from PIL import Image
 
-from tests.serve.conftest import NUM_GPUS, deployment_config
+from load_tests.local_service import deployment_config
+from tests.serve.conftest import NUM_GPUS
 
 pytestmark = pytest.mark.serve
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import ROOT
+from load_tests.local_service import ROOT
 
 pytestmark = pytest.mark.serve
 

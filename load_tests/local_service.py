@@ -1,0 +1,116 @@
+"""Start the app on a local Ray cluster from deploy/serve_config.yaml, as a user would
+(`serve run`), with overrides. Used by the test suite and the GPU benchmarks."""
+
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "deploy" / "serve_config.yaml"
+APP = "t2i"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deployment_config(config: dict, name: str) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+@dataclass
+class LocalService:
+    url: str
+    metrics_url: str
+    config: dict
+    ready_s: float
+
+    def handle(self, deployment: str):
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, app_name=APP)
+
+    def client(self, timeout: float = 120, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
+
+
+def make_config(model_args: dict, ingress_max_replicas: int | None, port: int) -> dict:
+    """deploy/serve_config.yaml with the given model args and a local HTTP port."""
+    config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
+    config["http_options"]["host"] = "127.0.0.1"
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["model"].update(model_args)
+    if ingress_max_replicas is not None:
+        autoscaling = deployment_config(config, "Ingress")["autoscaling_config"]
+        autoscaling["max_replicas"] = ingress_max_replicas
+        autoscaling["min_replicas"] = min(autoscaling["min_replicas"], ingress_max_replicas)
+    return config
+
+
+@contextmanager
+def local_service(
+    workdir: Path,
+    model_args: dict,
+    num_gpus: int,
+    num_cpus: int | None = None,
+    ingress_max_replicas: int | None = None,
+    ready_timeout_s: float = 300,
+):
+    """A Ray cluster of this process with `num_gpus` GPUs (logical ones where there are
+    none) and the app deployed by the `serve run` CLI; torn down on exit."""
+    import ray
+    from ray import serve
+
+    http_port, metrics_port = free_port(), free_port()
+    # Ray exports metrics every 10 s by default; a scrape-based check should not wait.
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    ray.init(
+        address="local",  # a new cluster, even if another is running here
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        log_to_driver=False,
+    )
+    config = make_config(model_args, ingress_max_replicas, http_port)
+    path = workdir / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+    started = time.monotonic()
+    try:
+        subprocess.run(
+            [serve_cli, "run", "--address", ray.get_runtime_context().gcs_address,
+             "--non-blocking", str(path)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app did not become ready: {serve.status()}")
+            time.sleep(0.5)
+        yield LocalService(
+            url, f"http://127.0.0.1:{metrics_port}/metrics", config, time.monotonic() - started
+        )
+    finally:
+        serve.shutdown()
+        ray.shutdown()
