@@ -1,0 +1,590 @@
+"""Side-by-side GPU benchmark: stock diffusers vs our engine vs the served app.
+
+In one run on one GPU, for each configuration (the Z-Image preset 1024x1024, 9 steps,
+guidance 0; 768x768; 1280x1280; guidance 5):
+  (a) stock diffusers ZImagePipeline: its own prompt encoding + pipeline call + PIL image,
+  (b) our engine called directly: encode + step loop + decode to pixels,
+  (c) the full service through HTTP (Ray Serve, single-GPU layout), PNG out,
+each with end-to-end p50/p90 over --runs runs after a warm-up, per-stage times, median
+step time, peak VRAM and MFU; for (c) also images/s at 1, 4 and 16 concurrent clients.
+Writes <out>/<gpu>-<date>.json and .md, and prints the ratios (b)/(a) and (c)/(a).
+
+    python -m load_tests.bench_gpu --out load_tests/results              # on a GPU
+    python -m load_tests.bench_gpu --tiny --runs 1 --out /tmp/bench       # anywhere (smoke)
+
+Weights are random at the real sizes (load_tests/checkpoints.py): speed and memory
+depend on the architecture, not on the values.
+"""
+
+import argparse
+import asyncio
+import base64
+import datetime
+import gc
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from load_tests.measure import (
+    ForwardTimes,
+    Timer,
+    device_facts,
+    git_commit,
+    matmul_tflops,
+    peak_bytes,
+    peak_reset,
+    summary,
+    timed_method,
+    transformer_flops,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = (
+    "a red vintage steam train opening a giant zipper in the winter snow, revealing spring "
+    "meadows beneath, poster, detailed, warm light"
+)
+NEGATIVE = "blurry, low quality"
+CONFIGS = [
+    {"name": "1024-turbo", "width": 1024, "height": 1024, "steps": 9, "guidance": 0.0},
+    {"name": "768-turbo", "width": 768, "height": 768, "steps": 9, "guidance": 0.0},
+    {"name": "1280-turbo", "width": 1280, "height": 1280, "steps": 9, "guidance": 0.0},
+    {"name": "1024-guidance5", "width": 1024, "height": 1024, "steps": 9, "guidance": 5.0},
+]
+CONCURRENCY = (1, 4, 16)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.configs = [c for c in CONFIGS if not args.only or c["name"] in args.only]
+        if args.tiny:  # small sizes so the smoke run is quick on a CPU
+            self.configs = [
+                {**c, "width": c["width"] // 4, "height": c["height"] // 4, "steps": 2}
+                for c in self.configs
+                if c["width"] == 1024
+            ]
+        self.timer = Timer(self.device)
+        self.started = time.monotonic()
+        self.result: dict = {"configs": self.configs, "runs": args.runs}
+
+    # --- bookkeeping ----------------------------------------------------------------
+
+    def remaining(self) -> float:
+        return self.args.budget_s - (time.monotonic() - self.started)
+
+    def log(self, *parts) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f}s]", *parts, flush=True)
+
+    def save(self) -> Path:
+        gpu = self.result["env"]["gpu"].replace(" ", "-")
+        day = datetime.date.today().isoformat()
+        stem = self.args.out / f"{gpu}-{day}{self.args.tag}"
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(self.result, indent=2))
+        stem.with_suffix(".md").write_text(markdown(self.result))
+        return stem
+
+    def free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # --- setup ------------------------------------------------------------------------
+
+    def checkpoint(self) -> Path:
+        from serve_app.engine.checkpoint import cache_dir
+        from serve_app.engine.tiny import ensure_tiny
+
+        if self.args.tiny:
+            return ensure_tiny(cache_dir())
+        from load_tests.checkpoints import save_full_zimage
+
+        start = time.perf_counter()
+        path = save_full_zimage(self.args.checkpoint, device=str(self.device))
+        self.result["checkpoint_write_s"] = round(time.perf_counter() - start, 1)
+        return path
+
+    def env(self) -> None:
+        self.result["env"] = {
+            **device_facts(self.device),
+            "commit": self.args.commit or git_commit(ROOT),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "matmul_bf16_tflops": round(matmul_tflops(self.device), 1),
+        }
+        self.log("env", self.result["env"])
+
+    def mfu(self, config, step_s: float, cap_tokens: int, transformer_config) -> float:
+        rate = self.result["env"]["matmul_bf16_tflops"]
+        if not rate or not step_s:
+            return 0.0
+        batch = 2 if config["guidance"] > 0 else 1
+        flops = transformer_flops(
+            transformer_config, config["width"], config["height"], cap_tokens, batch
+        )
+        return round(flops / step_s / (rate * 1e12), 3)
+
+    def step_floor_ms(self, config, cap_tokens, transformer_config) -> float:
+        rate = self.result["env"]["matmul_bf16_tflops"]
+        if not rate:
+            return 0.0
+        batch = 2 if config["guidance"] > 0 else 1
+        flops = transformer_flops(
+            transformer_config, config["width"], config["height"], cap_tokens, batch
+        )
+        return round(flops / (rate * 1e12) * 1000, 2)
+
+    # --- (a) stock diffusers ----------------------------------------------------------
+
+    def stock(self, path: Path) -> None:
+        from diffusers import ZImagePipeline
+
+        pipe = ZImagePipeline.from_pretrained(path, torch_dtype=self.dtype).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        cap_tokens = len(
+            pipe.tokenizer(
+                pipe.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": PROMPT}],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    enable_thinking=True,
+                )
+            )["input_ids"]
+        )
+        out = {}
+        for config in self.configs:
+            e2e, encode, decode, denoise, steps, peaks = [], [], [], [], [], []
+            undo_enc = timed_method(pipe, "encode_prompt", encode, self.device)
+            undo_dec = timed_method(pipe.vae, "decode", decode, self.device)
+            for run in range(self.args.runs + 1):
+                forwards = ForwardTimes(pipe.transformer, self.device)
+                peak_reset(self.device)
+                with self.timer(e2e):
+                    image = pipe(
+                        PROMPT,
+                        negative_prompt=NEGATIVE if config["guidance"] > 0 else None,
+                        height=config["height"],
+                        width=config["width"],
+                        num_inference_steps=config["steps"],
+                        guidance_scale=config["guidance"],
+                        generator=torch.Generator("cpu").manual_seed(run),
+                        output_type="pil",
+                    ).images[0]
+                peaks.append(peak_bytes(self.device))
+                steps += forwards.seconds() if run else []
+                denoise.append(forwards.span())
+                forwards.remove()
+                if run == 0:  # warm-up
+                    e2e.clear(), encode.clear(), decode.clear(), denoise.clear()
+            undo_enc(), undo_dec()
+            step_s = statistics.median(steps)
+            out[config["name"]] = {
+                "e2e": summary(e2e),
+                "stages": {
+                    "encode": summary(encode),
+                    "denoise": summary(denoise),
+                    "decode": summary(decode),
+                },
+                "step_ms": round(step_s * 1000, 2),
+                "step_floor_ms": self.step_floor_ms(config, cap_tokens, pipe.transformer.config),
+                "mfu": self.mfu(config, step_s, cap_tokens, pipe.transformer.config),
+                "peak_vram_bytes": max(peaks),
+                "image_size": list(image.size),
+            }
+            self.log("stock", config["name"], out[config["name"]]["e2e"], "step", step_s)
+        self.result["stock"] = out
+        self.result["stock_cap_tokens"] = cap_tokens
+        del pipe
+        self.free()
+
+    # --- (b) our engine ---------------------------------------------------------------
+
+    def engine(self, path: Path) -> None:
+        from serve_app.engine.stages import StageRecorder
+        from serve_app.engine.zimage import ZImageDenoiser, ZImageEncoder
+        from serve_app.imaging import encode_image
+        from serve_app.messages import GenerationParams
+
+        start = time.perf_counter()
+        encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype)
+        denoiser = ZImageDenoiser.from_pretrained(
+            path,
+            self.device,
+            self.dtype,
+            attention_backend=self.args.attention,
+            compile=self.args.compile,
+        )
+        loaded = time.perf_counter() - start
+        sizes = sorted({(c["width"], c["height"]) for c in self.configs})
+        warmup = denoiser.warmup(sizes)
+        self.result["engine_setup"] = {
+            "load_s": round(loaded, 1),
+            "warmup_s": warmup,
+            "compile": self.args.compile,
+            "attention_backend": self.args.attention,
+        }
+        self.log("engine setup", self.result["engine_setup"])
+        cap_tokens = len(encoder.token_ids(PROMPT))
+        out = {}
+        for config in self.configs:
+            params = GenerationParams(
+                PROMPT,
+                NEGATIVE if config["guidance"] > 0 else None,
+                config["width"],
+                config["height"],
+                config["steps"],
+                config["guidance"],
+                0,
+            )
+            e2e, encode, png, steps, peaks = [], [], [], [], []
+            stages: dict[str, list[float]] = {"denoise": [], "decode": []}
+            for run in range(self.args.runs + 1):
+                recorder = StageRecorder(self.device)
+                peak_reset(self.device)
+                with self.timer(e2e):
+                    with self.timer(encode):
+                        emb = encoder.encode(
+                            params.prompt, params.negative_prompt, params.uses_guidance
+                        )
+                    pixels = denoiser.generate(params, emb, recorder=recorder)[0]
+                peaks.append(peak_bytes(self.device))
+                with self.timer(png):
+                    encode_image(pixels, "png", None)
+                if run == 0:
+                    e2e.clear(), encode.clear(), png.clear()
+                    continue
+                steps += recorder.step_seconds
+                for name in stages:
+                    stages[name].append(recorder.stages[name].seconds)
+            step_s = statistics.median(steps)
+            out[config["name"]] = {
+                "e2e": summary(e2e),
+                "stages": {"encode": summary(encode), **{k: summary(v) for k, v in stages.items()}},
+                "png_encode": summary(png),
+                "step_ms": round(step_s * 1000, 2),
+                "step_floor_ms": self.step_floor_ms(
+                    config, cap_tokens, denoiser.transformer.config
+                ),
+                "mfu": self.mfu(config, step_s, cap_tokens, denoiser.transformer.config),
+                "peak_vram_bytes": max(peaks),
+            }
+            self.log("engine", config["name"], out[config["name"]]["e2e"], "step", step_s)
+        self.result["engine"] = out
+        self.result["engine_cap_tokens"] = cap_tokens
+        del encoder, denoiser
+        self.free()
+
+    # --- (c) the service over HTTP ----------------------------------------------------
+
+    def service(self, path: Path) -> None:
+        from load_tests.local_service import local_service
+
+        sizes = sorted({f"{c['width']}x{c['height']}" for c in self.configs})
+        model_args = {
+            "model": str(path),
+            "compile": self.args.compile,
+            "attention_backend": self.args.attention,
+            "warmup_sizes": sizes,
+        }
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            local_service(Path(tmp), model_args, num_gpus=1, ready_timeout_s=900) as svc,
+        ):
+            self.result["service_setup"] = {
+                "ready_s": round(svc.ready_s, 1),
+                "denoiser": svc.handle("Denoiser").describe.remote().result(),
+            }
+            self.log("service ready", self.result["service_setup"])
+            out = {}
+            with svc.client(timeout=600) as http:
+                for config in self.configs:
+                    body = {
+                        "prompt": PROMPT,
+                        "size": f"{config['width']}x{config['height']}",
+                        "num_inference_steps": config["steps"],
+                        "guidance_scale": config["guidance"],
+                        "seed": 0,
+                    }
+                    if config["guidance"] > 0:
+                        body["negative_prompt"] = NEGATIVE
+                    e2e, timings = [], []
+                    for run in range(self.args.runs + 1):
+                        start = time.perf_counter()
+                        r = http.post("/v1/images/generations", json=body)
+                        r.raise_for_status()
+                        data = r.json()
+                        base64.b64decode(data["data"][0]["b64_json"])
+                        if run:
+                            e2e.append(time.perf_counter() - start)
+                            timings.append(data["timings"])
+                    out[config["name"]] = {
+                        "e2e": summary(e2e),
+                        "stages_ms": {
+                            k: round(statistics.median(t[k] for t in timings), 2)
+                            for k in timings[0]
+                        },
+                        "vram": data["vram"],
+                    }
+                    self.log("service", config["name"], out[config["name"]]["e2e"])
+            self.result["service"] = out
+            first = self.configs[0]
+            self.result["throughput"] = self.throughput(svc.url, first)
+            self.log("throughput", self.result["throughput"])
+
+    def throughput(self, url: str, config: dict) -> dict:
+        body = {
+            "prompt": PROMPT,
+            "size": f"{config['width']}x{config['height']}",
+            "num_inference_steps": config["steps"],
+            "guidance_scale": config["guidance"],
+        }
+
+        async def client(http, n, latencies):
+            for _ in range(n):
+                start = time.perf_counter()
+                r = await http.post("/v1/images/generations", json=body)
+                r.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        async def run(concurrency: int) -> dict:
+            per_client = max(2, self.args.runs * 2 // concurrency)
+            latencies: list[float] = []
+            limits = httpx.Limits(max_connections=concurrency)
+            async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
+                await client(http, 1, [])  # warm the connection pool
+                start = time.perf_counter()
+                await asyncio.gather(
+                    *(client(http, per_client, latencies) for _ in range(concurrency))
+                )
+                wall = time.perf_counter() - start
+            return {
+                "requests": len(latencies),
+                "images_per_s": round(len(latencies) / wall, 3),
+                "latency": summary(latencies),
+            }
+
+        return {str(c): asyncio.run(run(c)) for c in CONCURRENCY}
+
+    # --- levers: what each optimisation buys, one at a time -------------------------
+
+    def levers(self, path: Path) -> None:
+        """Median times at 1024x1024 (or the tiny size) of one transformer step, the VAE
+        decode, the prompt encoding and the PNG encoding, with and without each lever."""
+        from diffusers.models.transformers import ZImageTransformer2DModel
+
+        from serve_app.engine.zimage import ZImageEncoder
+
+        config = self.configs[0]
+        out: dict = {}
+        encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype)
+        ids = encoder.token_ids(PROMPT)
+        real = encoder.encode(PROMPT, None, False).prompt.to(self.device)
+
+        def padded_encode():  # the stock pipeline's way: padded to 512 tokens
+            tokens = torch.tensor([ids + [encoder.tokenizer.pad_token_id] * (512 - len(ids))])
+            mask = torch.zeros_like(tokens)
+            mask[0, : len(ids)] = 1
+            encoder.text_encoder(
+                input_ids=tokens.to(self.device),
+                attention_mask=mask.to(self.device),
+                output_hidden_states=True,
+            )
+
+        out["encode_real_length_ms"] = self.median_ms(lambda: encoder.encode(PROMPT, None, False))
+        out["encode_padded_512_ms"] = self.median_ms(padded_encode)
+        out["prompt_tokens"] = len(ids)
+        encoder = None
+        self.free()
+
+        h, w = config["height"] // 8, config["width"] // 8
+        latents = torch.randn(1, 16, 1, h, w, device=self.device, dtype=self.dtype)
+        t = torch.tensor([0.5], device=self.device)
+        reference = None  # eager SDPA output: every variant must compute the same step
+        for backend in self.args.lever_backends:
+            for compiled in (False, True) if self.device.type == "cuda" else (False,):
+                model = ZImageTransformer2DModel.from_pretrained(
+                    path, subfolder="transformer", torch_dtype=self.dtype
+                ).to(self.device)
+                if backend != "native":
+                    model.set_attention_backend(backend)
+                if compiled:
+                    model.compile_repeated_blocks(fullgraph=True, dynamic=True)
+
+                def step(model=model):
+                    with torch.no_grad():
+                        return model(list(latents.unbind(0)), t, [real], return_dict=False)[0][0]
+
+                start = time.perf_counter()
+                result = step().float()
+                first = time.perf_counter() - start
+                key = f"step_{backend}_{'compiled' if compiled else 'eager'}"
+                if reference is None:
+                    reference = result
+                rel = (result - reference).norm() / reference.norm()
+                out[key + "_rel_err_vs_eager_native"] = float(rel)
+                out[key + "_ms"] = self.median_ms(step)
+                out[key + "_first_call_s"] = round(first, 1)
+                self.log("lever", key, out[key + "_ms"])
+                del model
+                torch._dynamo.reset()
+                self.free()
+
+        out.update(self.vae_and_image_levers(path, h, w))
+        self.result["levers"] = out
+        self.log("levers", json.dumps(out, indent=1))
+
+    def vae_and_image_levers(self, path: Path, h: int, w: int) -> dict:
+        from diffusers import AutoencoderKL
+
+        from serve_app.imaging import encode_image
+
+        out = {}
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
+        vae = vae.to(self.device)
+        z = torch.randn(1, 16, h, w, device=self.device, dtype=self.dtype)
+
+        def decode():
+            with torch.no_grad():
+                return vae.decode(z, return_dict=False)[0]
+
+        out["vae_decode_ms"] = self.median_ms(decode)
+        vae.to(memory_format=torch.channels_last)
+        out["vae_decode_channels_last_ms"] = self.median_ms(decode)
+        vae.to(memory_format=torch.contiguous_format)
+        image = decode()
+        pixels = ((image * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = pixels[0].permute(1, 2, 0).cpu().numpy()
+        ramp = np.linspace(0, 255, pixels.shape[1], dtype=np.uint8)[None, :, None]
+        smooth = np.broadcast_to(ramp, pixels.shape).copy()
+        for name, img in (("random_weights_output", pixels), ("smooth_gradient", smooth)):
+            for level in (0, 11, 67):  # output_compression -> zlib level 0, 1, 6
+                key = f"png_{name}_c{level}"
+                out[key + "_ms"] = self.median_ms(lambda i=img, c=level: encode_image(i, "png", c))
+                out[key + "_bytes"] = len(encode_image(img, "png", level))
+            out[f"jpeg_{name}_q90_ms"] = self.median_ms(lambda i=img: encode_image(i, "jpeg", 90))
+        return out
+
+    def median_ms(self, fn, repeats: int = 5) -> float:
+        fn()
+        times: list[float] = []
+        for _ in range(repeats):
+            with self.timer(times):
+                fn()
+        return round(statistics.median(times) * 1000, 2)
+
+    # --- run ----------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def run(self) -> None:
+        self.env()
+        path = self.checkpoint()
+        self.log("checkpoint", path)
+        for phase in self.args.phases:
+            getattr(self, phase)(path)
+            stem = self.save()
+        self.result["ratios"] = ratios(self.result)
+        stem = self.save()
+        self.log("ratios", json.dumps(self.result["ratios"], indent=1))
+        self.log("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"))
+
+
+def ratios(result: dict) -> dict:
+    """(b)/(a) and (c)/(a) of end-to-end p50 per configuration, and the overheads."""
+    out = {}
+    for name, stock in result.get("stock", {}).items():
+        row = {}
+        a = stock["e2e"]["p50_ms"]
+        if name in result.get("engine", {}):
+            row["engine_over_stock"] = round(result["engine"][name]["e2e"]["p50_ms"] / a, 3)
+        if name in result.get("service", {}):
+            c = result["service"][name]["e2e"]["p50_ms"]
+            row["service_over_stock"] = round(c / a, 3)
+            if name in result.get("engine", {}):
+                b = result["engine"][name]["e2e"]["p50_ms"]
+                row["http_and_image_encoding_share"] = round((c - b) / c, 3)
+        out[name] = row
+    return out
+
+
+def markdown(result: dict) -> str:
+    env = result.get("env", {})
+    lines = [
+        f"# GPU benchmark: {env.get('gpu')}",
+        "",
+        f"- date {env.get('date')}, commit `{env.get('commit')}`",
+        f"- torch {env.get('torch')}, diffusers {env.get('diffusers')}, "
+        f"transformers {env.get('transformers')}, CUDA {env.get('cuda')}",
+        f"- measured dense bf16 matmul: {env.get('matmul_bf16_tflops')} TFLOP/s",
+        f"- runs per configuration after one warm-up: {result.get('runs')}",
+        "",
+        "| config | path | e2e p50 ms | e2e p90 ms | step ms | step floor ms | MFU "
+        "| peak VRAM GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for config in result.get("configs", []):
+        name = config["name"]
+        for path in ("stock", "engine", "service"):
+            row = result.get(path, {}).get(name)
+            if not row:
+                continue
+            src = result.get(path if path != "service" else "engine", {}).get(name, {})
+            peak = row.get("peak_vram_bytes")
+            lines.append(
+                f"| {name} | {path} | {row['e2e'].get('p50_ms')} | {row['e2e'].get('p90_ms')} "
+                f"| {src.get('step_ms', '') if path != 'service' else ''} "
+                f"| {src.get('step_floor_ms', '') if path != 'service' else ''} "
+                f"| {src.get('mfu', '') if path != 'service' else ''} "
+                f"| {round(peak / 2**30, 2) if peak else ''} |"
+            )
+    if result.get("ratios"):
+        lines += [
+            "",
+            "| config | (b)/(a) | (c)/(a) | HTTP+image share of (c) |",
+            "|---|---|---|---|",
+        ]
+        for name, r in result["ratios"].items():
+            lines.append(
+                f"| {name} | {r.get('engine_over_stock', '')} | {r.get('service_over_stock', '')} "
+                f"| {r.get('http_and_image_encoding_share', '')} |"
+            )
+    if result.get("throughput"):
+        lines += ["", "| concurrent clients | images/s | latency p50 ms |", "|---|---|---|"]
+        for c, t in result["throughput"].items():
+            lines.append(f"| {c} | {t['images_per_s']} | {t['latency'].get('p50_ms')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "load_tests" / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint (smoke run)")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/zimage-full-random"))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
+    parser.add_argument("--phases", nargs="+", default=["stock", "engine", "service"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--attention", default="native")
+    parser.add_argument("--lever-backends", nargs="+", default=["native", "_native_cudnn"])
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--budget-s", type=float, default=3600)
+    args = parser.parse_args()
+    if args.compile is None:
+        args.compile = args.device.startswith("cuda")
+    Bench(args).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Random-weight Z-Image checkpoints at the real sizes, for speed and memory work.
+
+Speed and memory depend on the architecture, not on the weights' values, so a folder
+with the real configs (DESIGN.md) and random weights, saved in diffusers format, is
+loaded by the service through exactly the code that loads a real download.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+# Z-Image-Turbo's transformer, Qwen3-4B, and the 16-channel (Flux-style) VAE.
+FULL = {
+    "transformer": dict(
+        dim=3840,
+        n_layers=30,
+        n_refiner_layers=2,
+        n_heads=30,
+        n_kv_heads=30,
+        cap_feat_dim=2560,
+        axes_dims=[32, 48, 48],
+        axes_lens=[1536, 512, 512],
+    ),
+    "text_encoder": dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+    ),
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512],
+        layers_per_block=2,
+        norm_num_groups=32,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ),
+}
+
+
+def _fill(module: torch.nn.Module) -> None:
+    """Random values with sane scales: norms at 1, biases at 0, the rest N(0, 0.02)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
+
+
+def save_full_zimage(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> Path:
+    """Write a full-size random-weight Z-Image checkpoint to `path` (about 20 GB)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers.models.transformers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from serve_app.engine.tiny import _tokenizer
+
+    if (path / "model_index.json").is_file():
+        return path
+    tokenizer = _tokenizer()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        # Built on the meta device, then materialised on the GPU: initialising 10 B
+        # parameters on the CPU would take minutes.
+        with torch.device("meta"):
+            transformer = ZImageTransformer2DModel(**FULL["transformer"])
+            text_encoder = Qwen3Model(
+                Qwen3Config(**FULL["text_encoder"], pad_token_id=tokenizer.pad_token_id)
+            )
+            vae = AutoencoderKL(**FULL["vae"])
+    finally:
+        torch.set_default_dtype(default)
+    modules = []
+    for module in (transformer, text_encoder, vae):
+        module = module.to_empty(device=device)
+        _fill(module)
+        modules.append(module)
+    transformer, text_encoder, vae = modules
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    tmp = path.with_name(path.name + ".partial")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(path)
+    del pipe, transformer, text_encoder, vae, modules
+    torch.cuda.empty_cache()
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    save_full_zimage(args.path)
+    print(f"saved {args.path} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Measuring helpers shared by the GPU benchmarks: device facts, FLOP counts, timers."""
+
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def device_facts(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    facts = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts.update(
+            gpu=props.name,
+            gpu_memory_bytes=props.total_memory,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    else:
+        facts["gpu"] = "cpu"
+    return facts
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """Dense bf16 matrix-product rate on random data (the card's practical ceiling)."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def transformer_flops(config, width: int, height: int, cap_tokens: int, batch: int) -> float:
+    """FLOPs of one ZImageTransformer2DModel forward, counted from its config.
+
+    Per block over a sequence of L tokens: the projections (q, k, v, out: 4*D*D) and the
+    gated FFN (3*D*H with H = 8/3*D) cost 2*L*(4*D*D + 3*D*H); attention scores and
+    values cost 4*L*L*D. The noise refiner sees the image tokens, the context refiner
+    the caption tokens, the main layers both. Embedders and final layer are negligible.
+    """
+    d = config.dim
+    hidden = int(d / 3 * 8)
+    image = (height // 16) * (width // 16)
+    image += -image % 32  # both are padded to multiples of 32
+    caption = cap_tokens + (-cap_tokens % 32)
+
+    def block(tokens: int) -> float:
+        return 2 * tokens * (4 * d * d + 3 * d * hidden) + 4 * tokens * tokens * d
+
+    per_item = config.n_refiner_layers * (block(image) + block(caption)) + config.n_layers * block(
+        image + caption
+    )
+    return batch * per_item
+
+
+class Timer:
+    """Wall time of a region, device work included."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @contextmanager
+    def __call__(self, into: list[float]):
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        into.append(time.perf_counter() - start)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class ForwardTimes:
+    """Device time of each forward of `module`, from CUDA events (or wall time on CPU),
+    without synchronising between forwards: the caller's own pacing is measured."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device, self.pairs, self._open = device, [], None
+        self._handles = [
+            module.register_forward_pre_hook(self._pre),
+            module.register_forward_hook(self._post),
+        ]
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _pre(self, *_):
+        self._open = self._mark()
+
+    def _post(self, *_):
+        self.pairs.append((self._open, self._mark()))
+
+    def seconds(self) -> list[float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) / 1000 for a, b in self.pairs]
+        return [b - a for a, b in self.pairs]
+
+    def span(self) -> float:
+        """From the first forward's start to the last one's end."""
+        if not self.pairs:
+            return 0.0
+        first, last = self.pairs[0][0], self.pairs[-1][1]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return first.elapsed_time(last) / 1000
+        return last - first
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def timed_method(obj, name: str, into: list[float], device: torch.device) -> Callable[[], None]:
+    """Time every call of obj.name (device synchronised); returns an undo function."""
+    original = getattr(obj, name)
+    timer = Timer(device)
+
+    def wrapper(*args, **kwargs):
+        with timer(into):
+            return original(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
+    return lambda: setattr(obj, name, original)
+
+
+def summary(values: list[float]) -> dict:
+    """p50/p90/min/max in milliseconds."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values) * 1000, 2),
+        "p90_ms": round(p90 * 1000, 2),
+        "min_ms": round(ordered[0] * 1000, 2),
+        "max_ms": round(ordered[-1] * 1000, 2),
+    }
+
+
+def peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return 0

@@ -1,0 +1,37 @@
+"""The GPU benchmark harness, run end to end on the tiny model on the CPU so that it
+cannot rot. A smoke run: it checks what the harness writes, never how fast anything is."""
+
+import json
+import subprocess
+import sys
+
+from load_tests.local_service import ROOT
+
+
+def test_harness_smoke_run(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "load_tests.bench_gpu", "--tiny", "--device", "cpu",
+         "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "stock", "engine",
+         "service", "--lever-backends", "native"],
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+    )  # fmt: skip
+    [result_file] = tmp_path.glob("cpu-*.json")
+    result = json.loads(result_file.read_text())
+    names = [c["name"] for c in result["configs"]]
+    assert names == ["1024-turbo", "1024-guidance5"]
+    for path in ("stock", "engine", "service"):
+        for name in names:
+            assert result[path][name]["e2e"]["n"] == 1, (path, name)
+    assert result["engine"]["1024-turbo"]["stages"]["denoise"]["p50_ms"] > 0
+    assert result["stock"]["1024-turbo"]["step_ms"] > 0
+    assert set(result["throughput"]) == {"1", "4", "16"}
+    assert result["levers"]["step_native_eager_rel_err_vs_eager_native"] == 0.0
+    assert set(result["ratios"]["1024-turbo"]) == {
+        "engine_over_stock",
+        "service_over_stock",
+        "http_and_image_encoding_share",
+    }
+    table = result_file.with_suffix(".md").read_text()
+    assert "| 1024-turbo | stock |" in table and "| 1024-turbo | service |" in table
