@@ -21,6 +21,7 @@ import asyncio
 import base64
 import datetime
 import gc
+import io
 import json
 import statistics
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from PIL import Image
 
 from load_tests.measure import (
     ForwardTimes,
@@ -399,6 +401,15 @@ class Bench:
         out["encode_real_length_ms"] = self.median_ms(lambda: encoder.encode(PROMPT, None, False))
         out["encode_padded_512_ms"] = self.median_ms(padded_encode)
         out["prompt_tokens"] = len(ids)
+        if self.device.type == "cuda":
+            encoder.text_encoder.compile(dynamic=True)
+            start = time.perf_counter()
+            compiled = encoder.encode(PROMPT, None, False).prompt.to(self.device)
+            out["encode_compiled_first_call_s"] = round(time.perf_counter() - start, 1)
+            out["encode_compiled_ms"] = self.median_ms(lambda: encoder.encode(PROMPT, None, False))
+            out["encode_compiled_rel_err"] = float(
+                (compiled.float() - real.float()).norm() / real.float().norm()
+            )
         encoder = None
         self.free()
 
@@ -424,6 +435,8 @@ class Bench:
                 result = step().float()
                 first = time.perf_counter() - start
                 key = f"step_{backend}_{'compiled' if compiled else 'eager'}"
+                if compiled and backend == "native":
+                    out["profile_compiled_step"] = self.profile(step)
                 if reference is None:
                     reference = result
                 rel = (result - reference).norm() / reference.norm()
@@ -442,7 +455,12 @@ class Bench:
     def vae_and_image_levers(self, path: Path, h: int, w: int) -> dict:
         from diffusers import AutoencoderKL
 
-        from serve_app.imaging import encode_image
+        from serve_app.imaging import encode_image, encode_png
+
+        def pillow_png(img):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+            return buf.getvalue()
 
         out = {}
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=self.dtype)
@@ -454,21 +472,56 @@ class Bench:
                 return vae.decode(z, return_dict=False)[0]
 
         out["vae_decode_ms"] = self.median_ms(decode)
+        reference = decode().float()
         vae.to(memory_format=torch.channels_last)
         out["vae_decode_channels_last_ms"] = self.median_ms(decode)
         vae.to(memory_format=torch.contiguous_format)
+        if self.device.type == "cuda":
+            eager = vae.decoder.forward
+            vae.decoder.compile(dynamic=True)
+            start = time.perf_counter()
+            compiled = decode().float()
+            out["vae_decode_compiled_first_call_s"] = round(time.perf_counter() - start, 1)
+            out["vae_decode_compiled_ms"] = self.median_ms(decode)
+            out["vae_decode_compiled_rel_err"] = float(
+                (compiled - reference).norm() / reference.norm()
+            )
+            vae.decoder.forward = eager
         image = decode()
         pixels = ((image * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         pixels = pixels[0].permute(1, 2, 0).cpu().numpy()
         ramp = np.linspace(0, 255, pixels.shape[1], dtype=np.uint8)[None, :, None]
         smooth = np.broadcast_to(ramp, pixels.shape).copy()
         for name, img in (("random_weights_output", pixels), ("smooth_gradient", smooth)):
-            for level in (0, 11, 67):  # output_compression -> zlib level 0, 1, 6
-                key = f"png_{name}_c{level}"
-                out[key + "_ms"] = self.median_ms(lambda i=img, c=level: encode_image(i, "png", c))
-                out[key + "_bytes"] = len(encode_image(img, "png", level))
+            for level in (0, 1, 3):
+                key = f"png_isal{level}_{name}"
+                out[key + "_ms"] = self.median_ms(lambda i=img, lv=level: encode_png(i, lv))
+                out[key + "_bytes"] = len(encode_png(img, level))
+            key = f"png_pillow_zlib1_{name}"
+            out[key + "_ms"] = self.median_ms(lambda i=img: pillow_png(i))
+            out[key + "_bytes"] = len(pillow_png(img))
             out[f"jpeg_{name}_q90_ms"] = self.median_ms(lambda i=img: encode_image(i, "jpeg", 90))
         return out
+
+    def profile(self, fn, top: int = 12) -> list[dict]:
+        """Where one call's device time goes: the top kernels by total CUDA time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(self.device)
+        rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.device_time_total for e in rows if e.device_time_total) or 1
+        return [
+            {
+                "kernel": e.key[:90],
+                "ms": round(e.device_time_total / 1000, 2),
+                "share": round(e.device_time_total / total, 3),
+                "calls": e.count,
+            }
+            for e in rows[:top]
+        ]
 
     def median_ms(self, fn, repeats: int = 5) -> float:
         fn()

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers import ZImageTransformer2DModel
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import AutoModel, AutoTokenizer
@@ -151,6 +153,52 @@ class ZImageEncoder:
         return PromptEmbeddings(prompt=embeds[0], negative=embeds[1] if with_negative else None)
 
 
+class RealRopeAttnProcessor(ZSingleStreamAttnProcessor):
+    """The stock Z-Image attention processor with the rotary embedding in real arithmetic.
+
+    The stock one rotates q and k through complex64 views; torch.compile generates no
+    code for complex ops, so each rotation stays a chain of full-size float32 passes.
+    Written as (x1*cos - x2*sin, x1*sin + x2*cos), the same rotation fuses with its
+    neighbours. Same math: tests/engine/test_equivalence.py holds the pixels to stock.
+    """
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None
+    ):
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            cos, sin = freqs_cis.real.unsqueeze(2), freqs_cis.imag.unsqueeze(2)
+            query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None, None, :]
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        out = attn.to_out[0](out.flatten(2, 3).to(query.dtype))
+        if len(attn.to_out) > 1:  # dropout
+            out = attn.to_out[1](out)
+        return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
 class ZImageDenoiser:
     """Embeddings -> latents through our own flow-match Euler loop -> VAE decode -> pixels.
 
@@ -200,6 +248,9 @@ class ZImageDenoiser:
         transformer = ZImageTransformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
+        for module in transformer.modules():
+            if isinstance(getattr(module, "processor", None), ZSingleStreamAttnProcessor):
+                module.set_processor(RealRopeAttnProcessor())
         if attention_backend != "native":
             transformer.set_attention_backend(attention_backend)
         if compile:

@@ -1,0 +1,48 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serve_app.imaging import encode_image, encode_png
+
+
+def decode(data: bytes) -> tuple[str, np.ndarray]:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.format, np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("shape", [(256, 256, 3), (1, 7, 3), (384, 320, 3)])
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_png_round_trips_through_pillow_exactly(shape, level):
+    rng = np.random.default_rng(sum(shape) + level)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    fmt, back = decode(encode_png(pixels, level))
+    assert fmt == "PNG"
+    np.testing.assert_array_equal(back, pixels)
+
+
+def test_png_of_a_smooth_image_is_compressed():
+    ramp = np.linspace(0, 255, 512, dtype=np.uint8)
+    pixels = np.broadcast_to(ramp[None, :, None], (512, 512, 3)).copy()
+    assert len(encode_image(pixels, "png", None)) < pixels.nbytes / 20
+
+
+def test_output_compression_picks_the_png_level():
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((256, 256, 3)) * 64).astype(np.uint8)  # compressible noise
+    stored, best = encode_image(pixels, "png", 0), encode_image(pixels, "png", 100)
+    assert len(best) < len(stored)
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpeg"])
+def test_lossy_formats(fmt):
+    pixels = np.full((64, 64, 3), 128, dtype=np.uint8)
+    got, back = decode(encode_image(pixels, fmt, 90))
+    assert got == fmt.upper() and back.shape == (64, 64, 3)
+
+
+def test_png_refuses_what_it_cannot_write():
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        encode_png(np.zeros((4, 4, 4), dtype=np.uint8))
