@@ -5,6 +5,8 @@ Replica counts, GPUs and autoscaling are not here: they are Serve's own `deploym
 options in the same file.
 """
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -18,8 +20,9 @@ class ModelSettings(BaseModel):
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
         attention_backend: diffusers attention backend of the transformer: "native"
             (PyTorch SDPA), "flash", "_native_cudnn", "xformers", ...
-        compile: torch.compile the transformer's repeated blocks (GPU; about 1.5x faster
-            steps). Compiled once, with dynamic shapes, during warm-up.
+        compile: torch.compile the transformer's repeated blocks, the VAE decoder and the
+            text encoder. "auto" (default): on CUDA only. Compiled once, with dynamic
+            shapes, during warm-up; the README's performance section has what it buys.
         warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
             without guidance, so that no request pays compilation or first-call costs;
             the replica reports ready only after them. Empty: the smallest size only.
@@ -31,7 +34,7 @@ class ModelSettings(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "native"
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"
     warmup_sizes: list[str] = Field(default_factory=list)
 
     @field_validator("warmup_sizes")

@@ -159,8 +159,12 @@ class PromptEncoder(_Replica):
     def __init__(self, settings: ModelSettings):
         from serve_app.engine import load_encoder  # torch is imported by model replicas only
 
-        engine = load_encoder(settings.model, settings.device, settings.dtype)
+        started = time.monotonic()
+        engine = load_encoder(settings.model, settings.device, settings.dtype, settings.compile)
         self._start(engine, [engine.text_encoder])
+        self.warmup_s = engine.warmup()
+        self.ready_s = time.monotonic() - started
+        logger.info("PromptEncoder ready in %.1f s (warm-up %.1f s)", self.ready_s, self.warmup_s)
 
     async def encode(self, request_id: str, params: GenerationParams) -> EncodedPrompt:
         from serve_app.engine.cancel import CancelToken
@@ -191,7 +195,12 @@ class PromptEncoder(_Replica):
         return EncodedPrompt(prompt, negative, dtype, recorder.timings_ms(), recorder.vram_peaks())
 
     def describe(self) -> dict:
-        return {**self._describe(), "max_prompt_tokens": self.engine.max_tokens}
+        return {
+            **self._describe(),
+            "max_prompt_tokens": self.engine.max_tokens,
+            "ready_s": round(self.ready_s, 3),
+            "warmup_s": self.warmup_s,
+        }
 
 
 @serve.deployment

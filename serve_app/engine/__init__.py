@@ -31,11 +31,22 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_encoder(model: str, device: str = "auto", dtype: str = "auto"):
+def pick_compile(compile: bool | str, device: torch.device) -> bool:
+    """ "auto" compiles on CUDA only: on a CPU the compilation costs more than it saves."""
+    if compile == "auto":
+        return device.type == "cuda"
+    return bool(compile)
+
+
+def load_encoder(
+    model: str, device: str = "auto", dtype: str = "auto", compile: bool | str = False
+):
     """Load the prompt encoder of `model` ("tiny" or a local diffusers folder)."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
-    return FAMILY_MODULES[family].ZImageEncoder.from_pretrained(path, dev, pick_dtype(dtype, dev))
+    return FAMILY_MODULES[family].ZImageEncoder.from_pretrained(
+        path, dev, pick_dtype(dtype, dev), pick_compile(compile, dev)
+    )
 
 
 def load_denoiser(
@@ -43,11 +54,11 @@ def load_denoiser(
     device: str = "auto",
     dtype: str = "auto",
     attention_backend: str = "native",
-    compile: bool = False,
+    compile: bool | str = False,
 ):
     """Load the denoiser (transformer + VAE + scheduler config) of `model`."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
     return FAMILY_MODULES[family].ZImageDenoiser.from_pretrained(
-        path, dev, pick_dtype(dtype, dev), attention_backend, compile
+        path, dev, pick_dtype(dtype, dev), attention_backend, pick_compile(compile, dev)
     )
