@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
 export METRICS_PORT ?= 8080
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test prometheus lint format bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -19,8 +19,18 @@ install: $(VENV)/.installed
 serve: install
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/serve $(CONFIG)
 
+# The observability tests run a real Prometheus server: Debian's package, installed as
+# root here and in CI; elsewhere, put `prometheus` and `promtool` on PATH first.
+test: prometheus
 test: install
 	$(BIN)/python -m pytest
+
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] || { echo "make test needs Prometheus: sudo apt-get install prometheus" >&2; exit 1; }; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends prometheus || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }; }
 
 lint: install
 	$(BIN)/ruff check serve_app tests load_tests
