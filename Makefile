@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
 export METRICS_PORT ?= 8080
 
-.PHONY: install serve test prometheus lint format bench clean
+.PHONY: install serve test prometheus report lint format bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +31,12 @@ prometheus:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends prometheus || \
 	  { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }; }
+
+# Stage-by-stage latency and VRAM peaks of a running service, e.g.
+#   make report REPORT_ARGS='--config 1024x1024 --out report.md'
+T2I_URL ?= http://127.0.0.1:8000
+report: install
+	$(BIN)/python -m serve_app.report --url $(T2I_URL) $(REPORT_ARGS)
 
 lint: install
 	$(BIN)/ruff check serve_app tests load_tests
