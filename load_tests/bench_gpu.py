@@ -214,7 +214,7 @@ class Bench:
         from serve_app.messages import GenerationParams
 
         start = time.perf_counter()
-        encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype, self.args.compile)
+        encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype)  # as served
         encoder_warmup = encoder.warmup()
         denoiser = ZImageDenoiser.from_pretrained(
             path,

@@ -3,7 +3,6 @@
 
 import copy
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -87,11 +86,13 @@ def local_service(
     config = make_config(model_args, ingress_max_replicas, http_port)
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    serve_cli = shutil.which("serve") or str(Path(sys.executable).parent / "serve")
+    # The `serve` CLI through this interpreter: a console script's shebang may name
+    # another Python (packages installed with --target elsewhere).
+    serve_cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
     started = time.monotonic()
     try:
         subprocess.run(
-            [serve_cli, "run", "--address", ray.get_runtime_context().gcs_address,
+            [*serve_cli, "run", "--address", ray.get_runtime_context().gcs_address,
              "--non-blocking", str(path)],
             check=True,
             cwd=ROOT,

@@ -20,9 +20,9 @@ class ModelSettings(BaseModel):
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
         attention_backend: diffusers attention backend of the transformer: "native"
             (PyTorch SDPA), "flash", "_native_cudnn", "xformers", ...
-        compile: torch.compile the transformer's repeated blocks, the VAE decoder and the
-            text encoder. "auto" (default): on CUDA only. Compiled once, with dynamic
-            shapes, during warm-up; the README's performance section has what it buys.
+        compile: torch.compile the transformer's repeated blocks and the VAE decoder.
+            "auto" (default): on CUDA only. Compiled once, with dynamic shapes, during
+            the denoiser's warm-up; the README's performance section has what it buys.
         warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
             without guidance, so that no request pays compilation or first-call costs;
             the replica reports ready only after them. Empty: the smallest size only.

@@ -31,7 +31,7 @@ from serve_app.metrics import Metrics
 
 logger = logging.getLogger("ray.serve")
 
-VRAM_REFRESH_S = 5.0
+GAUGE_REFRESH_S = 5.0
 KEEP_CANCELLATIONS = 1000
 
 
@@ -90,25 +90,20 @@ def _gpu_ids() -> list[str]:
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
 
-def _vram_gauges(device, metrics: Metrics, weights_bytes: int) -> None:
-    """Refresh the per-replica VRAM gauges forever (a daemon thread)."""
+def _vram(device, weights_bytes: int) -> dict[str, int]:
     import torch
 
-    while True:
-        if device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(device)
-            values = {
-                "allocated": torch.cuda.memory_allocated(device),
-                "reserved": torch.cuda.memory_reserved(device),
-                "free": free,
-                "total": total,
-                "weights": weights_bytes,
-            }
-        else:
-            values = dict.fromkeys(("allocated", "reserved", "free", "total", "weights"), 0)
-        for kind, value in values.items():
-            metrics.vram.set(value, tags={"kind": kind})
-        time.sleep(VRAM_REFRESH_S)
+    kinds = ("allocated", "reserved", "free", "total", "weights")
+    if device.type != "cuda":
+        return dict.fromkeys(kinds, 0)
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "free": free,
+        "total": total,
+        "weights": weights_bytes,
+    }
 
 
 def _module_bytes(*modules) -> int:
@@ -125,11 +120,15 @@ class _Replica:
         self.metrics = Metrics()
         self.cancellations: OrderedDict[str, dict] = OrderedDict()
         threading.Thread(
-            target=_vram_gauges,
-            args=(engine.device, self.metrics, _module_bytes(*weights)),
-            daemon=True,
-            name="vram-gauges",
+            target=self._refresh_gauges, args=(_module_bytes(*weights),), daemon=True
         ).start()
+
+    def _refresh_gauges(self, weights_bytes: int) -> None:
+        """Refresh the per-replica gauges forever, requests or not (a daemon thread)."""
+        while True:
+            vram = _vram(self.engine.device, weights_bytes)
+            self.metrics.refresh(self.worker.waiting, vram)
+            time.sleep(GAUGE_REFRESH_S)
 
     def _record_cancel(self, request_id: str, record: dict) -> None:
         self.cancellations[request_id] = record
@@ -149,6 +148,7 @@ class _Replica:
             "device": str(self.engine.device),
             "gpu_ids": _gpu_ids(),
             "queue_depth": self.worker.waiting,
+            "vram": _vram(self.engine.device, 0),
         }
 
 
@@ -160,7 +160,9 @@ class PromptEncoder(_Replica):
         from serve_app.engine import load_encoder  # torch is imported by model replicas only
 
         started = time.monotonic()
-        engine = load_encoder(settings.model, settings.device, settings.dtype, settings.compile)
+        # Not compiled: on an H200 that cut a 65-token encode from 31 to 12 ms but took
+        # 234 s of start-up (load_tests/results/NVIDIA-H200-2026-11-26-*).
+        engine = load_encoder(settings.model, settings.device, settings.dtype)
         self._start(engine, [engine.text_encoder])
         self.warmup_s = engine.warmup()
         self.ready_s = time.monotonic() - started
@@ -331,12 +333,4 @@ class Denoiser(_Replica):
             "side_multiple": self.engine.side_multiple,
             "ready_s": round(self.ready_s, 3),
             "warmup_s": self.warmup_s,
-            "memory_allocated": self._memory_allocated(),
         }
-
-    def _memory_allocated(self) -> int:
-        import torch
-
-        if self.engine.device.type != "cuda":
-            return 0
-        return torch.cuda.memory_allocated(self.engine.device)

@@ -87,6 +87,9 @@ class Metrics:
         self.admission_rejects = metrics.Counter(
             "t2i_admission_rejects_total", "Requests refused because a queue was full.", f
         )
+        # Ray stops exporting a gauge that is not set again within two export intervals;
+        # `refresh` re-sets these on a timer so they do not vanish between requests.
+        self._last_peaks: dict[tuple[str, str], int] = {}
 
     def start_at_zero(self, family: str, *counters: metrics.Counter) -> None:
         """Export `counters` (the ones this replica owns) at 0 before their first event,
@@ -110,6 +113,15 @@ class Metrics:
         if vram_peak_bytes is not None:
             self.stage_vram_peak.observe(vram_peak_bytes, tags=tags)
             self.stage_vram_peak_last.set(vram_peak_bytes, tags=tags)
+            self._last_peaks[family, stage] = vram_peak_bytes
+
+    def refresh(self, queue_depth: int, vram: dict[str, int]) -> None:
+        """Set this replica's gauges again: queue depth, VRAM by kind, last peaks."""
+        self.queue_depth.set(queue_depth)
+        for kind, value in vram.items():
+            self.vram.set(value, tags={"kind": kind})
+        for (family, stage), value in self._last_peaks.items():
+            self.stage_vram_peak_last.set(value, tags={"family": family, "stage": stage})
 
     def steps(self, family: str, seconds: list[float], width: int, height: int) -> None:
         tags = {"family": family, "res": res_bucket(width, height)}

@@ -38,15 +38,11 @@ def pick_compile(compile: bool | str, device: torch.device) -> bool:
     return bool(compile)
 
 
-def load_encoder(
-    model: str, device: str = "auto", dtype: str = "auto", compile: bool | str = False
-):
+def load_encoder(model: str, device: str = "auto", dtype: str = "auto"):
     """Load the prompt encoder of `model` ("tiny" or a local diffusers folder)."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
-    return FAMILY_MODULES[family].ZImageEncoder.from_pretrained(
-        path, dev, pick_dtype(dtype, dev), pick_compile(compile, dev)
-    )
+    return FAMILY_MODULES[family].ZImageEncoder.from_pretrained(path, dev, pick_dtype(dtype, dev))
 
 
 def load_denoiser(
