@@ -84,15 +84,31 @@ class ZImageEncoder:
         text_encoder: a Qwen3 model.
         device: where the text encoder runs.
         max_tokens: longest accepted prompt, chat template included.
+        cuda_graphs: replay the forward from CUDA graphs, one per (batch, length bucket),
+            captured on first use (see `warmup`). A short prompt's forward is bound by
+            kernel launches, not by arithmetic: on an H200 the 4B encoder took ~50 ms
+            for 65 tokens. Default: on CUDA.
     """
 
     family = FAMILY
+    # Sequence lengths a graph is captured for; a prompt is padded up to the next one.
+    GRAPH_LENGTHS = (64, 128, 256, 512)
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device, max_tokens=MAX_PROMPT_TOKENS):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        device: torch.device,
+        max_tokens=MAX_PROMPT_TOKENS,
+        cuda_graphs: bool | None = None,
+    ):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
         self.device = device
         self.max_tokens = max_tokens
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graph_pool = None
 
     @classmethod
     def from_pretrained(
@@ -119,6 +135,10 @@ class ZImageEncoder:
         start = time.perf_counter()
         self.encode("warm-up prompt", None, with_negative=False)
         self.encode("warm-up prompt", "warm-up negative", with_negative=True)
+        if self.cuda_graphs:
+            for batch in (1, 2):
+                for length in self.GRAPH_LENGTHS:
+                    self._graph(batch, length)
         return round(time.perf_counter() - start, 3)
 
     def _template(self, text: str) -> str:
@@ -158,16 +178,51 @@ class ZImageEncoder:
         if cancel is not None:
             cancel.check("encode")
         longest = max(len(i) for i in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([i + [pad] * (longest - len(i)) for i in ids], device=self.device)
-        mask = torch.tensor(
-            [[1] * len(i) + [0] * (longest - len(i)) for i in ids], device=self.device
-        )
-        hidden = self.text_encoder(
-            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
-        ).hidden_states[-2]
+        if self.cuda_graphs:
+            length = next(n for n in self.GRAPH_LENGTHS if n >= longest)
+            graph, static_ids, static_out = self._graph(len(ids), length)
+            static_ids.copy_(self._padded(ids, length))
+            graph.replay()
+            hidden = static_out
+        else:
+            mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids])
+            hidden = self._forward(self._padded(ids, longest), mask.to(self.device))
         embeds = [hidden[row, : len(i)].to("cpu") for row, i in enumerate(ids)]
         return PromptEmbeddings(prompt=embeds[0], negative=embeds[1] if with_negative else None)
+
+    def _padded(self, ids: list[list[int]], length: int) -> torch.Tensor:
+        pad = self.tokenizer.pad_token_id
+        return torch.tensor([i + [pad] * (length - len(i)) for i in ids], device=self.device)
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.text_encoder(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+        ).hidden_states[-2]
+
+    def _graph(self, batch: int, length: int) -> tuple:
+        """The CUDA graph of a (batch, length) forward, captured on first use.
+
+        It runs with no padding mask: the model is causal and the padding comes after
+        every real token, so no real token attends to it, as with the mask. A fixed
+        shape with no mask has no data-dependent branch, which a capture needs.
+        """
+        if (batch, length) not in self._graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            static_ids = torch.full(
+                (batch, length), self.tokenizer.pad_token_id, device=self.device
+            )
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up runs before capture, per CUDA's recipe
+                for _ in range(2):
+                    self._forward(static_ids, None)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                static_out = self._forward(static_ids, None)
+            self._graphs[batch, length] = (graph, static_ids, static_out)
+        return self._graphs[batch, length]
 
 
 class RealRopeAttnProcessor(ZSingleStreamAttnProcessor):

@@ -2,6 +2,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from serve_app.engine.cancel import CancelToken
 from serve_app.engine.stages import StageRecorder
@@ -153,3 +154,13 @@ def test_cancelling_one_request_leaves_the_other_running(encoder, denoiser):
         t.join()
     assert isinstance(results["victim"], Cancelled)
     np.testing.assert_array_equal(results["other"], expected)
+
+
+def test_padding_without_a_mask_leaves_real_tokens_unchanged(encoder):
+    """What the CUDA-graph path relies on: the encoder is causal, so padding after the
+    real tokens changes none of their hidden states, mask or no mask."""
+    ids = [encoder.token_ids("a cat on a mat"), encoder.token_ids("a much longer prompt here")]
+    padded = encoder._forward(encoder._padded(ids, 64), None)
+    for row, i in enumerate(ids):
+        alone = encoder._forward(encoder._padded([i], len(i)), None)[0]
+        torch.testing.assert_close(padded[row, : len(i)], alone, rtol=1e-5, atol=1e-5)
