@@ -19,10 +19,12 @@ depend on the architecture, not on the values.
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import datetime
 import gc
 import io
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -84,11 +86,14 @@ class Bench:
     def log(self, *parts) -> None:
         print(f"[{time.monotonic() - self.started:7.1f}s]", *parts, flush=True)
 
-    def save(self) -> Path:
+    def stem(self) -> Path:
         gpu = self.result["env"]["gpu"].replace(" ", "-")
         day = datetime.date.today().isoformat()
-        stem = self.args.out / f"{gpu}-{day}{self.args.tag}"
         self.args.out.mkdir(parents=True, exist_ok=True)
+        return self.args.out / f"{gpu}-{day}{self.args.tag}"
+
+    def save(self) -> Path:
+        stem = self.stem()
         stem.with_suffix(".json").write_text(json.dumps(self.result, indent=2))
         stem.with_suffix(".md").write_text(markdown(self.result))
         return stem
@@ -296,6 +301,7 @@ class Bench:
     # --- (c) the service over HTTP ----------------------------------------------------
 
     def service(self, path: Path) -> None:
+        """Start the app (single-GPU layout) once and run --service-parts against it."""
         from load_tests.local_service import local_service
 
         sizes = sorted({f"{c['width']}x{c['height']}" for c in self.configs})
@@ -311,52 +317,167 @@ class Bench:
         ):
             self.result["service_setup"] = {
                 "ready_s": round(svc.ready_s, 1),
+                "encoder": svc.handle("PromptEncoder").describe.remote().result(),
                 "denoiser": svc.handle("Denoiser").describe.remote().result(),
             }
             self.log("service ready", self.result["service_setup"])
-            out = {}
-            with svc.client(timeout=600) as http:
-                for config in self.configs:
-                    body = {
-                        "prompt": PROMPT,
-                        "size": f"{config['width']}x{config['height']}",
-                        "num_inference_steps": config["steps"],
-                        "guidance_scale": config["guidance"],
-                        "seed": 0,
+            for part in self.args.service_parts:
+                getattr(self, f"service_{part}")(svc)
+                self.save()
+
+    @staticmethod
+    def body(config: dict, seed: int | None = 0) -> dict:
+        body = {
+            "prompt": PROMPT,
+            "size": f"{config['width']}x{config['height']}",
+            "num_inference_steps": config["steps"],
+            "guidance_scale": config["guidance"],
+        }
+        if seed is not None:
+            body["seed"] = seed
+        if config["guidance"] > 0:
+            body["negative_prompt"] = NEGATIVE
+        return body
+
+    def service_configs(self, svc) -> None:
+        out = {}
+        with svc.client(timeout=600) as http:
+            for config in self.configs:
+                body = self.body(config)
+                e2e, timings = [], []
+                for run in range(self.args.runs + 1):
+                    start = time.perf_counter()
+                    r = http.post("/v1/images/generations", json=body)
+                    took = time.perf_counter() - start  # the encoded image is here
+                    r.raise_for_status()
+                    data = r.json()
+                    base64.b64decode(data["data"][0]["b64_json"])
+                    if run:
+                        e2e.append(took)
+                        timings.append(data["timings"])
+                raw = []  # the same request on POST /generate: PNG bytes, no JSON/base64
+                for run in range(self.args.runs + 1):
+                    start = time.perf_counter()
+                    http.post("/generate", json=body).raise_for_status()
+                    if run:
+                        raw.append(time.perf_counter() - start)
+                out[config["name"]] = {
+                    "e2e": summary(e2e),
+                    "e2e_raw_png": summary(raw),
+                    "stages_ms": {
+                        k: round(statistics.median(t[k] for t in timings), 2) for k in timings[0]
+                    },
+                    "vram": data["vram"],
+                }
+                self.log("service", config["name"], out[config["name"]]["e2e"])
+        self.result["service"] = out
+
+    def service_throughput(self, svc) -> None:
+        self.result["throughput"] = self.throughput(svc.url, self.configs[0])
+        self.log("throughput", self.result["throughput"])
+
+    def service_vram_table(self, svc) -> None:
+        """Per-stage VRAM peaks at each size: from the JSON answer and, for the same
+        request, from the metrics the replicas export (t2i_stage_vram_peak_last_bytes)."""
+        sizes = sorted({(c["width"], c["height"]) for c in self.configs if not c["guidance"]})
+        rows = []
+        with svc.client(timeout=600) as http:
+            for width, height in sizes:
+                config = {"width": width, "height": height, "steps": 9, "guidance": 0.0}
+                r = http.post("/v1/images/generations", json=self.body(config))
+                r.raise_for_status()
+                answered = r.json()["vram"]
+                exported = self.wait_for_exported_peaks(svc.metrics_url, answered)
+                rows.append(
+                    {
+                        "size": f"{width}x{height}",
+                        "answer_bytes": answered,
+                        "metrics_bytes": exported,
+                        "match": exported == answered,
+                        "timings_ms": r.json()["timings"],
                     }
-                    if config["guidance"] > 0:
-                        body["negative_prompt"] = NEGATIVE
-                    e2e, timings = [], []
-                    for run in range(self.args.runs + 1):
-                        start = time.perf_counter()
-                        r = http.post("/v1/images/generations", json=body)
-                        took = time.perf_counter() - start  # the encoded image is here
-                        r.raise_for_status()
-                        data = r.json()
-                        base64.b64decode(data["data"][0]["b64_json"])
-                        if run:
-                            e2e.append(took)
-                            timings.append(data["timings"])
-                    raw = []  # the same request on POST /generate: PNG bytes, no JSON/base64
-                    for run in range(self.args.runs + 1):
-                        start = time.perf_counter()
-                        http.post("/generate", json=body).raise_for_status()
-                        if run:
-                            raw.append(time.perf_counter() - start)
-                    out[config["name"]] = {
-                        "e2e": summary(e2e),
-                        "e2e_raw_png": summary(raw),
-                        "stages_ms": {
-                            k: round(statistics.median(t[k] for t in timings), 2)
-                            for k in timings[0]
-                        },
-                        "vram": data["vram"],
-                    }
-                    self.log("service", config["name"], out[config["name"]]["e2e"])
-            self.result["service"] = out
-            first = self.configs[0]
-            self.result["throughput"] = self.throughput(svc.url, first)
-            self.log("throughput", self.result["throughput"])
+                )
+                self.log("vram", rows[-1])
+        self.result["vram_table"] = rows
+
+    @staticmethod
+    def wait_for_exported_peaks(metrics_url: str, expected: dict, timeout_s: float = 15):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        deadline, exported = time.monotonic() + timeout_s, {}
+        while time.monotonic() < deadline:
+            text = httpx.get(metrics_url, timeout=10).text
+            exported = {
+                sample.labels["stage"]: int(sample.value)
+                for family in text_string_to_metric_families(text)
+                if family.name == "ray_t2i_stage_vram_peak_last_bytes"
+                for sample in family.samples
+            }
+            if exported == expected:
+                break
+            time.sleep(0.5)
+        return exported
+
+    def service_cancellations(self, svc) -> None:
+        """--disconnects clients that leave at random points of a 768x768 request; then
+        the denoiser's allocated memory, health, and how fast each loop stopped."""
+        rng = random.Random(0)
+        config = {"width": 768, "height": 768, "steps": 9, "guidance": 0.0}
+        denoiser = svc.handle("Denoiser")
+        with svc.client(timeout=600) as http:
+            start = time.perf_counter()
+            http.post("/v1/images/generations", json=self.body(config)).raise_for_status()
+            single = time.perf_counter() - start
+        before = denoiser.describe.remote().result()["vram"]["allocated"]
+        ids = [f"leaver-{i}" for i in range(self.args.disconnects)]
+
+        def leave(request_id: str) -> None:
+            after = rng.uniform(0.02, single * 1.1)
+            try:
+                with svc.client(timeout=after) as http:
+                    http.post(
+                        "/v1/images/generations",
+                        json=self.body(config, seed=None),
+                        headers={"X-Request-Id": request_id},
+                    )
+            except httpx.TimeoutException:
+                pass
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(leave, ids))
+        deadline = time.monotonic() + 60
+        while denoiser.describe.remote().result()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # the last loops stop at their next step boundary
+        after = denoiser.describe.remote().result()["vram"]["allocated"]
+        records = [denoiser.cancellation.remote(i).result() for i in ids]
+        stopped = [r for r in records if r is not None]
+        latencies = [r["stop_latency_s"] for r in stopped if r["stop_latency_s"] is not None]
+        with svc.client(timeout=600) as http:
+            healthy = http.post("/v1/images/generations", json=self.body(config)).status_code
+        self.result["cancellations"] = {
+            "disconnects": len(ids),
+            "size": "768x768",
+            "single_request_s": round(single, 3),
+            "stopped_by_stage": {
+                stage: sum(r["stage"] == stage for r in stopped)
+                for stage in sorted({r["stage"] for r in stopped})
+            },
+            "finished_before_leaving_or_never_reached_denoiser": len(ids) - len(stopped),
+            "stop_latency": summary(latencies),
+            "stop_latency_p99_ms": round(
+                sorted(latencies)[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000, 2
+            )
+            if latencies
+            else None,
+            "max_step_ms": round(
+                max((r["max_step_s"] or 0) for r in stopped) * 1000 if stopped else 0, 2
+            ),
+            "memory_allocated_before": before,
+            "memory_allocated_after": after,
+            "request_after_status": healthy,
+        }
+        self.log("cancellations", self.result["cancellations"])
 
     def throughput(self, url: str, config: dict) -> dict:
         body = {
@@ -391,6 +512,76 @@ class Bench:
             }
 
         return {str(c): asyncio.run(run(c)) for c in CONCURRENCY}
+
+    # --- the sensitivity study: steps x guidance x resolution --------------------------
+
+    def sweep(self, path: Path) -> None:
+        """Latency and peak VRAM of our engine over steps (10/25/50), guidance (0/5) and
+        resolution (768/1024/1280), one run each after a warm-up per shape. Peak VRAM
+        must not grow with steps. Writes a table and, where matplotlib is, a plot."""
+        from serve_app.engine.zimage import ZImageDenoiser, ZImageEncoder
+        from serve_app.messages import GenerationParams
+
+        sides = (768, 1024, 1280) if not self.args.tiny else (192, 256)
+        steps_list = (10, 25, 50) if not self.args.tiny else (2, 4)
+        encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype)
+        denoiser = ZImageDenoiser.from_pretrained(
+            path, self.device, self.dtype, self.args.attention, self.args.compile
+        )
+        denoiser.warmup([(side, side) for side in sides])
+        rows = []
+        for side in sides:
+            for guidance in (0.0, 5.0):
+                emb = encoder.encode(PROMPT, NEGATIVE if guidance else None, guidance > 0)
+                for steps in steps_list:
+                    params = GenerationParams(
+                        PROMPT, NEGATIVE if guidance else None, side, side, steps, guidance, 0
+                    )
+                    took: list[float] = []
+                    peak_reset(self.device)
+                    with self.timer(took):
+                        denoiser.generate(params, emb)
+                    rows.append(
+                        {
+                            "size": side,
+                            "guidance": guidance,
+                            "steps": steps,
+                            "latency_ms": round(took[0] * 1000, 1),
+                            "peak_vram_bytes": peak_bytes(self.device),
+                        }
+                    )
+                    self.log("sweep", rows[-1])
+        self.result["sweep"] = rows
+        self.plot_sweep(rows)
+        encoder = denoiser = None
+        self.free()
+
+    def plot_sweep(self, rows: list[dict]) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            self.log("sweep plot skipped: no matplotlib here")
+            return
+        fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4))
+        for side in sorted({r["size"] for r in rows}):
+            for guidance in (0.0, 5.0):
+                sel = [r for r in rows if r["size"] == side and r["guidance"] == guidance]
+                label = f"{side}², guidance {guidance:g}"
+                steps = [r["steps"] for r in sel]
+                lat.plot(steps, [r["latency_ms"] / 1000 for r in sel], marker="o", label=label)
+                mem.plot(
+                    steps, [r["peak_vram_bytes"] / 2**30 for r in sel], marker="o", label=label
+                )
+        lat.set(xlabel="steps", ylabel="latency (s)", title="latency")
+        mem.set(xlabel="steps", ylabel="peak VRAM (GiB)", title="peak VRAM: flat in steps")
+        lat.legend(fontsize=7)
+        fig.suptitle(f"{self.result['env']['gpu']}, random weights at real size")
+        fig.tight_layout()
+        fig.savefig(self.stem().with_suffix(".sweep.png"), dpi=110)
+        plt.close(fig)
 
     # --- levers: what each optimisation buys, one at a time -------------------------
 
@@ -656,6 +847,42 @@ def markdown(result: dict) -> str:
         lines += ["", "| concurrent clients | images/s | latency p50 ms |", "|---|---|---|"]
         for c, t in result["throughput"].items():
             lines.append(f"| {c} | {t['images_per_s']} | {t['latency'].get('p50_ms')} |")
+    gib = lambda b: round(b / 2**30, 2)  # noqa: E731
+    if result.get("vram_table"):
+        lines += [
+            "",
+            "Per-stage VRAM peaks (GiB), served, from the JSON answer = from the exported metric:",
+            "",
+            "| size | encode | denoise | decode | answer = metric | e2e ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in result["vram_table"]:
+            a = row["answer_bytes"]
+            lines.append(
+                f"| {row['size']} | {gib(a['encode'])} | {gib(a['denoise'])} | {gib(a['decode'])} "
+                f"| {row['match']} | {row['timings_ms']['e2e']} |"
+            )
+    if result.get("cancellations"):
+        c = result["cancellations"]
+        lines += [
+            "",
+            f"{c['disconnects']} clients leaving at random points ({c['size']}): stopped by "
+            f"stage {c['stopped_by_stage']}; loop stop latency p50 "
+            f"{c['stop_latency'].get('p50_ms')} ms, p99 {c['stop_latency_p99_ms']} ms (max step "
+            f"{c['max_step_ms']} ms); memory_allocated {c['memory_allocated_before']} -> "
+            f"{c['memory_allocated_after']} bytes; next request: HTTP {c['request_after_status']}.",
+        ]
+    if result.get("sweep"):
+        lines += [
+            "",
+            "| size | guidance | steps | latency ms | peak VRAM GiB |",
+            "|---|---|---|---|---|",
+        ]
+        for r in result["sweep"]:
+            lines.append(
+                f"| {r['size']} | {r['guidance']} | {r['steps']} | {r['latency_ms']} "
+                f"| {gib(r['peak_vram_bytes'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -671,6 +898,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
     parser.add_argument("--phases", nargs="+", default=["stock", "engine", "service"])
+    parser.add_argument(
+        "--service-parts",
+        nargs="+",
+        default=["configs", "throughput", "vram_table"],
+        help="of: configs throughput vram_table cancellations",
+    )
+    parser.add_argument("--disconnects", type=int, default=200)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--attention", default="native")
     parser.add_argument("--commit", default="")

@@ -388,20 +388,20 @@ class Ingress:
         self, request_id: str, params: GenerationParams, req, state: _State, b64: bool
     ):
         """Run a request while listening for a cancel by id (from any ingress replica)."""
-        watch = None
-        try:
-            opened = await self.inflight.open.remote(request_id)
-        except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
-            logger.warning("request %s: cancel-by-id unavailable", request_id, exc_info=True)
-        else:
-            if not opened:
-                raise DuplicateRequestId(request_id)
-            watch = self.inflight.watch.remote(request_id)
-
         work = asyncio.ensure_future(self._run(request_id, params, req, state, b64))
-        listen = asyncio.ensure_future(_call(watch)) if watch is not None else None
-        report = None
+        listen, report = None, None
         try:
+            # Registered while the prompt is being encoded: off the critical path.
+            try:
+                opened = await _call(self.inflight.open.remote(request_id))
+            except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
+                logger.warning("request %s: cancel-by-id unavailable", request_id, exc_info=True)
+            else:
+                if not opened:
+                    work.cancel()
+                    await _settle(work)
+                    raise DuplicateRequestId(request_id)
+                listen = asyncio.ensure_future(_call(self.inflight.watch.remote(request_id)))
             await asyncio.wait({work, listen} - {None}, return_when=asyncio.FIRST_COMPLETED)
             cancel_requested = (
                 listen is not None

@@ -46,3 +46,10 @@ def test_lossy_formats(fmt):
 def test_png_refuses_what_it_cannot_write():
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         encode_png(np.zeros((4, 4, 4), dtype=np.uint8))
+
+
+def test_large_png_is_deflated_in_strips_that_decode_as_one_stream():
+    rng = np.random.default_rng(7)
+    pixels = (rng.random((1024, 1024, 3)) * 40).astype(np.uint8)  # several strips
+    fmt, back = decode(encode_png(pixels, 1))
+    np.testing.assert_array_equal(back, pixels)

@@ -199,13 +199,22 @@ class ZImageEncoder:
             input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False
         ).hidden_states[-2]
 
-    def _graph(self, batch: int, length: int) -> tuple:
-        """The CUDA graph of a (batch, length) forward, captured on first use.
+    def _causal_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`hidden_states[-2]` without a padding mask and without the layers it does not
+        need: the last layer (whose output, like every other layer's, output_hidden_states
+        would also keep) and the final norm. The model is causal and the padding comes
+        after every real token, so no real token attends to it, as with the mask."""
+        model = self.text_encoder
+        hidden = model.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        rotary = model.rotary_emb(hidden, positions)
+        for layer in model.layers[: model.config.num_hidden_layers - 1]:
+            hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
+        return hidden
 
-        It runs with no padding mask: the model is causal and the padding comes after
-        every real token, so no real token attends to it, as with the mask. A fixed
-        shape with no mask has no data-dependent branch, which a capture needs.
-        """
+    def _graph(self, batch: int, length: int) -> tuple:
+        """The CUDA graph of a (batch, length) `_causal_forward`, captured on first use.
+        A fixed shape with no mask has no data-dependent branch, which a capture needs."""
         if (batch, length) not in self._graphs:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
@@ -216,11 +225,11 @@ class ZImageEncoder:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up runs before capture, per CUDA's recipe
                 for _ in range(2):
-                    self._forward(static_ids, None)
+                    self._causal_forward(static_ids)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self._forward(static_ids, None)
+                static_out = self._causal_forward(static_ids)
             self._graphs[batch, length] = (graph, static_ids, static_out)
         return self._graphs[batch, length]
 

@@ -156,11 +156,11 @@ def test_cancelling_one_request_leaves_the_other_running(encoder, denoiser):
     np.testing.assert_array_equal(results["other"], expected)
 
 
-def test_padding_without_a_mask_leaves_real_tokens_unchanged(encoder):
-    """What the CUDA-graph path relies on: the encoder is causal, so padding after the
-    real tokens changes none of their hidden states, mask or no mask."""
+def test_the_graphed_forward_computes_what_the_stock_encoder_does(encoder):
+    """What the CUDA-graph path relies on: no padding mask, the layers after
+    hidden_states[-2] skipped, and padding after the real tokens changes none of them."""
     ids = [encoder.token_ids("a cat on a mat"), encoder.token_ids("a much longer prompt here")]
-    padded = encoder._forward(encoder._padded(ids, 64), None)
+    padded = encoder._causal_forward(encoder._padded(ids, 64))
     for row, i in enumerate(ids):
-        alone = encoder._forward(encoder._padded([i], len(i)), None)[0]
-        torch.testing.assert_close(padded[row, : len(i)], alone, rtol=1e-5, atol=1e-5)
+        stock = encoder._forward(encoder._padded([i], len(i)), None)[0]
+        torch.testing.assert_close(padded[row, : len(i)], stock, rtol=1e-5, atol=1e-5)

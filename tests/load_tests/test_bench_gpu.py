@@ -12,7 +12,8 @@ def test_harness_smoke_run(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "load_tests.bench_gpu", "--tiny", "--device", "cpu",
          "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "stock", "engine",
-         "service"],
+         "sweep", "service", "--service-parts", "configs", "throughput", "vram_table",
+         "cancellations", "--disconnects", "4"],
         cwd=ROOT,
         check=True,
         timeout=600,
@@ -35,5 +36,9 @@ def test_harness_smoke_run(tmp_path):
         "service_over_stock",
         "http_and_image_encoding_share",
     }
+    assert all(row["match"] for row in result["vram_table"])  # answer == exported metric
+    assert result["cancellations"]["disconnects"] == 4
+    assert result["cancellations"]["request_after_status"] == 200
+    assert len(result["sweep"]) == 2 * 2 * 2  # sizes x guidance x steps
     table = result_file.with_suffix(".md").read_text()
     assert "| 1024-turbo | stock |" in table and "| 1024-turbo | service |" in table
