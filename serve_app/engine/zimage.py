@@ -370,20 +370,30 @@ class ZImageDenoiser:
         return cls(transformer, vae, scheduler_config, device)
 
     def warmup(self, sizes: list[tuple[int, int]]) -> dict[str, float]:
-        """Run a one-step generation per (width, height), without and with guidance, so
-        that compilation, kernel selection and allocator growth happen before the first
-        request. Returns the seconds each size took."""
+        """Run a one-step generation per (width, height) along every path a request can
+        take, so that compilation, kernel selection and allocator growth happen before
+        the first request: no guidance; guidance with a negative prompt as long as the
+        prompt (no attention mask); and with one of another padded length (masked). An
+        H200 run that warmed only the first two paid a 4 s recompilation on its first
+        masked request. Returns the seconds each size took."""
         hidden = self.transformer.config.cap_feat_dim
         dtype = self.transformer.dtype
-        emb = PromptEmbeddings(
-            torch.zeros(8, hidden, dtype=dtype), torch.zeros(5, hidden, dtype=dtype)
-        )
+
+        def tokens(n: int) -> torch.Tensor:
+            return torch.zeros(n, hidden, dtype=dtype)
+
+        paths = [  # (guidance, prompt tokens, negative tokens); padded to 32s: 64/64, 64/32
+            (0.0, 40, None),
+            (1.0, 40, 40),
+            (1.0, 40, 8),
+        ]
         took = {}
         for width, height in sizes:
             start = time.perf_counter()
-            for guidance in (0.0, 1.0):
+            for guidance, n_prompt, n_negative in paths:
+                negative = None if n_negative is None else tokens(n_negative)
                 params = GenerationParams("warmup", None, width, height, 1, guidance, 0)
-                self.generate(params, emb)
+                self.generate(params, PromptEmbeddings(tokens(n_prompt), negative))
             took[f"{width}x{height}"] = round(time.perf_counter() - start, 3)
         return took
 

@@ -164,3 +164,17 @@ def test_the_graphed_forward_computes_what_the_stock_encoder_does(encoder):
     for row, i in enumerate(ids):
         stock = encoder._forward(encoder._padded([i], len(i)), None)[0]
         torch.testing.assert_close(padded[row, : len(i)], stock, rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_runs_every_path_a_request_can_take(denoiser):
+    """Unmasked and masked guidance batches compile to different graphs: both warm."""
+    calls = []
+    handle = denoiser.transformer.register_forward_pre_hook(
+        lambda _m, args: calls.append([c.shape[0] for c in args[2]])
+    )
+    try:
+        took = denoiser.warmup([(256, 256)])
+    finally:
+        handle.remove()
+    assert set(took) == {"256x256"}
+    assert calls == [[40], [40, 40], [40, 8]]
