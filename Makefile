@@ -38,6 +38,10 @@ T2I_URL ?= http://127.0.0.1:8000
 report: install
 	$(BIN)/python -m serve_app.report --url $(T2I_URL) $(REPORT_ARGS)
 
+# On a GPU machine: stock diffusers vs our engine vs the service, results to load_tests/results.
+bench: install
+	$(BIN)/python -m load_tests.bench_gpu $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check serve_app tests load_tests
 	$(BIN)/ruff format --check serve_app tests load_tests
