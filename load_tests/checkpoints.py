@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from serve_app.engine.tiny import assemble, build_tokenizer, vae_config
+
 # Z-Image-Turbo's transformer, Qwen3-4B, and the 16-channel (Flux-style) VAE.
 FULL = {
     "transformer": dict(
@@ -34,20 +36,7 @@ FULL = {
         max_position_embeddings=40960,
         rms_norm_eps=1e-6,
     ),
-    "vae": dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        norm_num_groups=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ),
+    "vae": vae_config([128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
 }
 
 
@@ -65,15 +54,13 @@ def _fill(module: torch.nn.Module) -> None:
 
 def save_full_zimage(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> Path:
     """Write a full-size random-weight Z-Image checkpoint to `path` (about 20 GB)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import AutoencoderKL
     from diffusers.models.transformers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from serve_app.engine.tiny import _tokenizer
-
     if (path / "model_index.json").is_file():
         return path
-    tokenizer = _tokenizer()
+    tokenizer = build_tokenizer()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -93,14 +80,7 @@ def save_full_zimage(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> 
         _fill(module)
         modules.append(module)
     transformer, text_encoder, vae = modules
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    pipe = ZImagePipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    pipe = assemble(tokenizer, text_encoder, transformer, vae)
     tmp = path.with_name(path.name + ".partial")
     pipe.save_pretrained(tmp, safe_serialization=True)
     tmp.rename(path)

@@ -37,7 +37,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer():
+def build_tokenizer():
+    """The tiny byte-level BPE tokenizer with a Qwen3-style chat template (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,11 +72,11 @@ def build_tiny_pipeline(text_hidden: int = 32, text_layers: int = 3):
         text_layers: layers of the text encoder. Tests that need an encoder slow enough
             to be cancelled mid-stage build a wider, deeper one.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from diffusers import AutoencoderKL
     from diffusers.models.transformers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    tokenizer = _tokenizer()
+    tokenizer = build_tokenizer()
     torch.manual_seed(0)
     text_encoder = Qwen3Model(
         Qwen3Config(
@@ -102,23 +103,34 @@ def build_tiny_pipeline(text_hidden: int = 32, text_layers: int = 3):
         axes_lens=[1536, 512, 512],
     )
     torch.manual_seed(2)
-    vae = AutoencoderKL(
+    vae = AutoencoderKL(**vae_config([8, 8, 16, 16], layers_per_block=1, norm_num_groups=8))
+    return assemble(tokenizer, text_encoder, transformer, vae)
+
+
+def vae_config(block_out_channels: list[int], layers_per_block: int, norm_num_groups: int):
+    """Z-Image's 16-channel VAE (the Flux autoencoder's layout) at the given widths."""
+    return dict(
         in_channels=3,
         out_channels=3,
         latent_channels=16,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 16, 16],
-        layers_per_block=1,
-        norm_num_groups=8,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+
+
+def assemble(tokenizer, text_encoder, transformer, vae):
+    """A ZImagePipeline of these components and Z-Image-Turbo's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
     return ZImagePipeline(
-        scheduler=scheduler,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
