@@ -7,8 +7,9 @@ call into the engine's per-request CancelToken, and records metrics. No model ma
 Cancellation: Serve cancels a call when its HTTP client leaves or when the ingress
 cancels it. The replica then sees `asyncio.CancelledError`; we set the request's token,
 drop the job if it has not started, or else wait for the loop to stop at its next step
-boundary. The method returns only then, so Serve frees the replica's slot only when the
-device is free.
+boundary. The method returns only then. (Serve may count the slot free as soon as it
+cancels; the device stays exclusive because every job runs on the one worker thread:
+the next request waiting at this replica starts the moment the loop has stopped.)
 """
 
 import asyncio
@@ -62,14 +63,6 @@ class DeviceWorker:
         with self._lock:
             self._waiting += n
 
-    async def result(self, fut: concurrent.futures.Future, token):
-        """Await a job; if the awaiting task is cancelled, stop the job first (see stop)."""
-        try:
-            return await asyncio.shield(asyncio.wrap_future(fut))
-        except asyncio.CancelledError:
-            await self.stop(fut, token)
-            raise
-
     async def stop(self, fut: concurrent.futures.Future, token) -> BaseException | None:
         """Cancel a job: drop it if it has not started, else set its token and wait until
         it returns. Returns how it ended: the engine's `Cancelled`, another error, or None
@@ -119,15 +112,13 @@ class _Replica:
         self.worker = DeviceWorker()
         self.metrics = Metrics()
         self.cancellations: OrderedDict[str, dict] = OrderedDict()
-        threading.Thread(
-            target=self._refresh_gauges, args=(_module_bytes(*weights),), daemon=True
-        ).start()
+        self.weights_bytes = _module_bytes(*weights)
+        threading.Thread(target=self._refresh_gauges, daemon=True).start()
 
-    def _refresh_gauges(self, weights_bytes: int) -> None:
+    def _refresh_gauges(self) -> None:
         """Refresh the per-replica gauges forever, requests or not (a daemon thread)."""
         while True:
-            vram = _vram(self.engine.device, weights_bytes)
-            self.metrics.refresh(self.worker.waiting, vram)
+            self.metrics.refresh(self.worker.waiting, _vram(self.engine.device, self.weights_bytes))
             time.sleep(GAUGE_REFRESH_S)
 
     def _record_cancel(self, request_id: str, record: dict) -> None:
@@ -148,7 +139,7 @@ class _Replica:
             "device": str(self.engine.device),
             "gpu_ids": _gpu_ids(),
             "queue_depth": self.worker.waiting,
-            "vram": _vram(self.engine.device, 0),
+            "vram": _vram(self.engine.device, self.weights_bytes),
         }
 
 

@@ -318,7 +318,7 @@ class Ingress:
             outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
             if outcome is None:
                 response, outcome = error_response(exc, request_id)
-            if outcome == "rejected":
+            if isinstance(_cause(exc), BackPressureError):  # a full queue turned it away
                 self.metrics.admission_rejects.inc(1, tags={"family": family})
             self.metrics.request(family, outcome)
             self._log(request_id, outcome, params, state, started, result)

@@ -178,3 +178,15 @@ def test_warmup_runs_every_path_a_request_can_take(denoiser):
         handle.remove()
     assert set(took) == {"256x256"}
     assert calls == [[40], [40, 40], [40, 8]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_embeddings_cross_processes_as_numpy_bit_exactly(dtype):
+    from serve_app.engine.zimage import PromptEmbeddings
+
+    emb = PromptEmbeddings(torch.randn(7, 16).to(dtype), torch.randn(3, 16).to(dtype))
+    prompt, negative, name = emb.to_arrays()
+    prompt.setflags(write=False)  # as they arrive through Ray's object store
+    back = PromptEmbeddings.from_arrays(prompt, negative, name)
+    assert back.prompt.dtype == dtype and torch.equal(back.prompt, emb.prompt)
+    assert torch.equal(back.negative, emb.negative)
