@@ -80,9 +80,6 @@ class Bench:
 
     # --- bookkeeping ----------------------------------------------------------------
 
-    def remaining(self) -> float:
-        return self.args.budget_s - (time.monotonic() - self.started)
-
     def log(self, *parts) -> None:
         print(f"[{time.monotonic() - self.started:7.1f}s]", *parts, flush=True)
 
@@ -127,43 +124,31 @@ class Bench:
         }
         self.log("env", self.result["env"])
 
-    def mfu(self, config, step_s: float, cap_tokens: int, transformer_config) -> float:
+    def step_efficiency(self, config, step_s: float, cap_tokens: int, transformer_config):
+        """Median step time, its FLOP floor at the measured matmul rate, and MFU (their
+        ratio: the share of that rate the step reaches)."""
         rate = self.result["env"]["matmul_bf16_tflops"]
-        if not rate or not step_s:
-            return 0.0
         batch = 2 if config["guidance"] > 0 else 1
         flops = transformer_flops(
             transformer_config, config["width"], config["height"], cap_tokens, batch
         )
-        return round(flops / step_s / (rate * 1e12), 3)
-
-    def step_floor_ms(self, config, cap_tokens, transformer_config) -> float:
-        rate = self.result["env"]["matmul_bf16_tflops"]
-        if not rate:
-            return 0.0
-        batch = 2 if config["guidance"] > 0 else 1
-        flops = transformer_flops(
-            transformer_config, config["width"], config["height"], cap_tokens, batch
-        )
-        return round(flops / (rate * 1e12) * 1000, 2)
+        floor_s = flops / (rate * 1e12) if rate else 0.0
+        return {
+            "step_ms": round(step_s * 1000, 2),
+            "step_floor_ms": round(floor_s * 1000, 2),
+            "mfu": round(floor_s / step_s, 3) if step_s else 0.0,
+        }
 
     # --- (a) stock diffusers ----------------------------------------------------------
 
     def stock(self, path: Path) -> None:
         from diffusers import ZImagePipeline
 
+        from serve_app.engine.zimage import chat_token_ids
+
         pipe = ZImagePipeline.from_pretrained(path, torch_dtype=self.dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        cap_tokens = len(
-            pipe.tokenizer(
-                pipe.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": PROMPT}],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                    enable_thinking=True,
-                )
-            )["input_ids"]
-        )
+        cap_tokens = len(chat_token_ids(pipe.tokenizer, PROMPT))
         out = {}
         for config in self.configs:
             e2e, encode, decode, denoise, steps, peaks = [], [], [], [], [], []
@@ -198,9 +183,7 @@ class Bench:
                     "denoise": summary(denoise),
                     "decode": summary(decode),
                 },
-                "step_ms": round(step_s * 1000, 2),
-                "step_floor_ms": self.step_floor_ms(config, cap_tokens, pipe.transformer.config),
-                "mfu": self.mfu(config, step_s, cap_tokens, pipe.transformer.config),
+                **self.step_efficiency(config, step_s, cap_tokens, pipe.transformer.config),
                 "peak_vram_bytes": max(peaks),
                 "image_size": list(image.size),
             }
@@ -285,11 +268,7 @@ class Bench:
                 "e2e": summary(e2e),
                 "stages": {"encode": summary(encode), **{k: summary(v) for k, v in stages.items()}},
                 "png_encode": summary(png),
-                "step_ms": round(step_s * 1000, 2),
-                "step_floor_ms": self.step_floor_ms(
-                    config, cap_tokens, denoiser.transformer.config
-                ),
-                "mfu": self.mfu(config, step_s, cap_tokens, denoiser.transformer.config),
+                **self.step_efficiency(config, step_s, cap_tokens, denoiser.transformer.config),
                 "peak_vram_bytes": max(peaks),
             }
             self.log("engine", config["name"], out[config["name"]]["e2e"], "step", step_s)
@@ -908,7 +887,6 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--attention", default="native")
     parser.add_argument("--commit", default="")
-    parser.add_argument("--budget-s", type=float, default=3600)
     args = parser.parse_args()
     if args.compile is None:
         args.compile = args.device.startswith("cuda")

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.schema import split_size
+
 
 class ModelSettings(BaseModel):
     """What the model replicas load and how.
@@ -41,13 +43,12 @@ class ModelSettings(BaseModel):
     @classmethod
     def _sizes(cls, sizes: list[str]) -> list[str]:
         for size in sizes:
-            w, _, h = size.partition("x")
-            if not (w.isdigit() and h.isdigit()):
+            if split_size(size) is None:
                 raise ValueError(f"warmup size {size!r} is not 'WIDTHxHEIGHT'")
         return sizes
 
     def parsed_warmup_sizes(self) -> list[tuple[int, int]]:
-        return [tuple(int(v) for v in s.split("x")) for s in self.warmup_sizes]
+        return [split_size(size) for size in self.warmup_sizes]
 
 
 class AppConfig(BaseModel):

@@ -151,8 +151,8 @@ class PromptEncoder(_Replica):
         from serve_app.engine import load_encoder  # torch is imported by model replicas only
 
         started = time.monotonic()
-        # Not compiled: on an H200 that cut a 65-token encode from 31 to 12 ms but took
-        # 234 s of start-up (load_tests/results/NVIDIA-H200-2026-11-26-*).
+        # Not compiled: on an H200 that cut a 65-token encode from 31 to 12 ms
+        # (results/*-levers-2.json) but took 234 s of start-up (*-bench-0.json).
         engine = load_encoder(settings.model, settings.device, settings.dtype)
         self._start(engine, [engine.text_encoder])
         self.warmup_s = engine.warmup()

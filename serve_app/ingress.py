@@ -194,16 +194,21 @@ class Ingress:
 
     # --- model facts, asked of the model replicas once -------------------------------
 
+    async def describe_replicas(self) -> tuple[dict, dict]:
+        """describe() of an encoder and a denoiser replica; NotReady if either fails.
+        They answer only after load and warm-up."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(self.encoder.describe.remote(), self.denoiser.describe.remote()),
+                DESCRIBE_TIMEOUT_S,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            raise NotReady(f"the model replicas are not ready ({exc!r})") from exc
+
     async def model(self) -> dict:
         """Family, presets and limits of the served model (cached after the first answer)."""
         if self._model is None:
-            try:
-                enc, den = await asyncio.wait_for(
-                    asyncio.gather(self.encoder.describe.remote(), self.denoiser.describe.remote()),
-                    DESCRIBE_TIMEOUT_S,
-                )
-            except (TimeoutError, DeploymentUnavailableError, RayTaskError) as exc:
-                raise NotReady(f"the model replicas are not ready ({type(exc).__name__})") from exc
+            enc, den = await self.describe_replicas()
             self.metrics.start_at_zero(
                 den["family"], self.metrics.requests, self.metrics.admission_rejects
             )
@@ -232,12 +237,9 @@ class Ingress:
     async def readyz(self) -> JSONResponse:
         """Readiness: both model replicas answer (they report only after load and warm-up)."""
         try:
-            enc, den = await asyncio.wait_for(
-                asyncio.gather(self.encoder.describe.remote(), self.denoiser.describe.remote()),
-                DESCRIBE_TIMEOUT_S,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            return error_response(NotReady(f"model replicas not ready: {exc!r}"), "")[0]
+            enc, den = await self.describe_replicas()
+        except NotReady as exc:
+            return error_response(exc, "")[0]
         return JSONResponse({"status": "ready", "encoder": enc, "denoiser": den})
 
     @app.get("/v1/models")

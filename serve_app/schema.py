@@ -140,15 +140,21 @@ def resolve(
     )
 
 
+def split_size(size: str) -> tuple[int, int] | None:
+    """(width, height) of a "WIDTHxHEIGHT" string; None if it is not one."""
+    match = _SIZE.match(size)
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def parse_size(size: str, limits: Limits) -> tuple[int, int]:
     accepted = (
         f"each side a multiple of {limits.side_multiple} from {limits.min_side} to "
         f"{limits.max_side}, e.g. '1024x1024' or '1280x768'"
     )
-    match = _SIZE.match(size)
-    if not match:
+    parsed = split_size(size)
+    if parsed is None:
         raise InvalidRequest(f"size '{size}' is not 'WIDTHxHEIGHT'; use {accepted}", "size")
-    width, height = int(match[1]), int(match[2])
+    width, height = parsed
     for side_name, side in (("width", width), ("height", height)):
         if side % limits.side_multiple or not limits.min_side <= side <= limits.max_side:
             raise InvalidRequest(

@@ -72,6 +72,18 @@ def _unbits(a: np.ndarray, dtype: str) -> torch.Tensor:
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
+def chat_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as the stock pipeline renders it: one user turn, generation
+    prompt, thinking on."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=True,
+    )
+    return tokenizer(rendered, add_special_tokens=True)["input_ids"]
+
+
 # Called with (stage, steps_done, steps_total) after each step and when decoding starts.
 ProgressFn = Callable[[str, int, int], None]
 
@@ -130,8 +142,9 @@ class ZImageEncoder:
         return cls(tokenizer, text_encoder, device)
 
     def warmup(self) -> float:
-        """Encode a prompt alone and with a negative prompt (the two batch shapes), so
-        that compilation happens before the first request. Returns the seconds taken."""
+        """Encode a prompt alone and with a negative prompt (the two batch shapes) and, on
+        CUDA, capture every graph, so that no request pays for compilation or capture.
+        Returns the seconds taken."""
         start = time.perf_counter()
         self.encode("warm-up prompt", None, with_negative=False)
         self.encode("warm-up prompt", "warm-up negative", with_negative=True)
@@ -141,18 +154,9 @@ class ZImageEncoder:
                     self._graph(batch, length)
         return round(time.perf_counter() - start, 3)
 
-    def _template(self, text: str) -> str:
-        # The stock pipeline's rendering: one user turn, generation prompt, thinking on.
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-
     def token_ids(self, text: str, param: str = "prompt") -> list[int]:
         """Token ids of `text` after the chat template; raises PromptTooLong past the limit."""
-        ids = self.tokenizer(self._template(text), add_special_tokens=True)["input_ids"]
+        ids = chat_token_ids(self.tokenizer, text)
         if len(ids) > self.max_tokens:
             raise PromptTooLong(param, len(ids), self.max_tokens)
         return ids
