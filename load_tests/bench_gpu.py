@@ -152,8 +152,15 @@ class Bench:
         out = {}
         for config in self.configs:
             e2e, encode, decode, denoise, steps, peaks = [], [], [], [], [], []
+            before_decode: list[int] = []  # the peak of encoding + denoising
             undo_enc = timed_method(pipe, "encode_prompt", encode, self.device)
-            undo_dec = timed_method(pipe.vae, "decode", decode, self.device)
+            undo_dec = timed_method(
+                pipe.vae,
+                "decode",
+                decode,
+                self.device,
+                before=lambda into=before_decode: into.append(peak_bytes(self.device)),
+            )
             for run in range(self.args.runs + 1):
                 forwards = ForwardTimes(pipe.transformer, self.device)
                 peak_reset(self.device)
@@ -185,6 +192,7 @@ class Bench:
                 },
                 **self.step_efficiency(config, step_s, cap_tokens, pipe.transformer.config),
                 "peak_vram_bytes": max(peaks),
+                "peak_vram_bytes_before_decode": max(before_decode),
                 "image_size": list(image.size),
             }
             self.log("stock", config["name"], out[config["name"]]["e2e"], "step", step_s)
@@ -245,6 +253,7 @@ class Bench:
             )
             e2e, encode, png, steps, peaks = [], [], [], [], []
             stages: dict[str, list[float]] = {"denoise": [], "decode": []}
+            stage_peaks = dict.fromkeys(stages, 0)
             for run in range(self.args.runs + 1):
                 recorder = StageRecorder(self.device)
                 peak_reset(self.device)
@@ -254,7 +263,8 @@ class Bench:
                             params.prompt, params.negative_prompt, params.uses_guidance
                         )
                     pixels = denoiser.generate(params, emb, recorder=recorder)[0]
-                peaks.append(peak_bytes(self.device))
+                # The recorder resets the peak at each stage start: take the stages' too.
+                peaks.append(max(peak_bytes(self.device), *recorder.vram_peaks().values()))
                 with self.timer(png):
                     encode_image(pixels, "png", None)
                 if run == 0:
@@ -263,6 +273,8 @@ class Bench:
                 steps += recorder.step_seconds
                 for name in stages:
                     stages[name].append(recorder.stages[name].seconds)
+                    peak = recorder.stages[name].vram_peak_bytes
+                    stage_peaks[name] = max(stage_peaks[name], peak)
             step_s = statistics.median(steps)
             out[config["name"]] = {
                 "e2e": summary(e2e),
@@ -270,6 +282,7 @@ class Bench:
                 "png_encode": summary(png),
                 **self.step_efficiency(config, step_s, cap_tokens, denoiser.transformer.config),
                 "peak_vram_bytes": max(peaks),
+                "stage_vram_peak_bytes": stage_peaks,
             }
             self.log("engine", config["name"], out[config["name"]]["e2e"], "step", step_s)
         self.result["engine"] = out

@@ -149,12 +149,17 @@ class ForwardTimes:
             h.remove()
 
 
-def timed_method(obj, name: str, into: list[float], device: torch.device) -> Callable[[], None]:
-    """Time every call of obj.name (device synchronised); returns an undo function."""
+def timed_method(
+    obj, name: str, into: list[float], device: torch.device, before: Callable | None = None
+) -> Callable[[], None]:
+    """Time every call of obj.name (device synchronised), calling `before()` first if
+    given; returns an undo function."""
     original = getattr(obj, name)
     timer = Timer(device)
 
     def wrapper(*args, **kwargs):
+        if before is not None:
+            before()
         with timer(into):
             return original(*args, **kwargs)
 

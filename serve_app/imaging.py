@@ -40,49 +40,54 @@ def encode_image(pixels: np.ndarray, output_format: str, compression: int | None
 
 
 def encode_png(pixels: np.ndarray, level: int = DEFAULT_PNG_LEVEL) -> bytes:
-    """An 8-bit RGB PNG: every row filtered with "Up" (one numpy subtraction), deflated by
-    ISA-L in parallel strips. PNG encoding sits on every request's critical path; on a
-    blurred-noise 1024x1024 image (the dev machine, 2026-11-26) the single-strip version
-    took 7 ms against Pillow's 59 ms at zlib level 1, for a file of the same size
-    (1.1 MB). load_tests/bench_gpu.py's levers measure both on the benchmark host."""
+    """An 8-bit RGB PNG: every row filtered with "Up" (a numpy subtraction), deflated by
+    ISA-L in parallel strips, checksummed by ISA-L, joined with one copy. PNG encoding
+    sits on every request's critical path; on a blurred-noise 1024x1024 image (the dev
+    machine, 2026-11-26) the single-strip version took 7 ms against Pillow's 59 ms at
+    zlib level 1, for a file of the same size (1.1 MB). load_tests/bench_gpu.py's levers
+    measure both on the benchmark host."""
     height, width, channels = pixels.shape
     if channels != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"expected HxWx3 uint8 pixels, got {pixels.shape} {pixels.dtype}")
-    rows = np.empty((height, 1 + width * 3), dtype=np.uint8)
-    rows[:, 0] = 2  # filter type Up: each byte minus the byte above it, modulo 256
     flat = pixels.reshape(height, width * 3)
-    rows[0, 1:] = flat[0]
-    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])
+    rows = np.empty((height, 1 + width * 3), dtype=np.uint8)
+    count = max(1, min(STRIP_THREADS, rows.nbytes // STRIP_BYTES, height))
+    bounds = [height * i // count for i in range(count + 1)]
+
+    def strip(index: int) -> bytes:
+        """Filter rows [first, last) and deflate them. Every strip but the last ends with
+        a full flush (byte-aligned, no reference back into it), pigz-style, so the raw
+        deflate streams of the strips concatenate into one valid stream."""
+        first, last = bounds[index], bounds[index + 1]
+        rows[first:last, 0] = 2  # filter type Up: each byte minus the byte above, mod 256
+        if first == 0:
+            rows[0, 1:] = flat[0]
+            first += 1
+        np.subtract(flat[first:last], flat[first - 1 : last - 1], out=rows[first:last, 1:])
+        raw = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)
+        body = raw.compress(rows[bounds[index] : last])
+        end = isal_zlib.Z_FINISH if index == count - 1 else isal_zlib.Z_FULL_FLUSH
+        return body + raw.flush(end)
+
+    pieces = [strip(0)] if count == 1 else list(_strips.map(strip, range(count)))
+    # The zlib stream: header (deflate, 32K window, fastest; 0x7801 % 31 == 0), the
+    # strips, the Adler-32 of the filtered rows.
+    stream = [b"\x78\x01", *pieces, struct.pack(">I", isal_zlib.adler32(rows))]
+    crc = isal_zlib.crc32(b"IDAT")
+    for part in stream:
+        crc = isal_zlib.crc32(part, crc)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return b"".join(
         (
             PNG_SIGNATURE,
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", _deflate(rows.tobytes(), level)),
+            struct.pack(">I", sum(map(len, stream))),
+            b"IDAT",
+            *stream,
+            struct.pack(">I", crc),
             _chunk(b"IEND", b""),
         )
     )
-
-
-def _deflate(data: bytes, level: int) -> bytes:
-    """A zlib stream of `data`, its strips deflated in parallel, pigz-style: every strip
-    but the last ends with a full flush (byte-aligned, no reference back into it), so
-    their raw deflate streams concatenate into one valid stream."""
-    count = max(1, min(STRIP_THREADS, len(data) // STRIP_BYTES))
-    if count == 1:
-        return isal_zlib.compress(data, level)
-    size = -(-len(data) // count)
-    pieces = [data[i : i + size] for i in range(0, len(data), size)]
-
-    def deflate(index: int) -> bytes:
-        raw = isal_zlib.compressobj(level, isal_zlib.DEFLATED, -15)
-        last = index == len(pieces) - 1
-        body = raw.compress(pieces[index])
-        return body + raw.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_FULL_FLUSH)
-
-    header = b"\x78\x01"  # deflate, 32K window, fastest; (0x7801 % 31 == 0)
-    trailer = struct.pack(">I", zlib.adler32(data))
-    return header + b"".join(_strips.map(deflate, range(len(pieces)))) + trailer
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -53,3 +55,20 @@ def test_large_png_is_deflated_in_strips_that_decode_as_one_stream():
     pixels = (rng.random((1024, 1024, 3)) * 40).astype(np.uint8)  # several strips
     fmt, back = decode(encode_png(pixels, 1))
     np.testing.assert_array_equal(back, pixels)
+
+
+def test_png_chunk_crcs_and_the_zlib_adler32_are_right():
+    """Pillow does not check every checksum; zlib and crc32 do."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)  # several strips
+    png, pos, idat = encode_png(pixels), 8, b""
+    while pos < len(png):
+        (size,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + size]
+        assert struct.unpack(">I", png[pos + 8 + size : pos + 12 + size])[0] == zlib.crc32(
+            kind + data
+        ), kind
+        idat += data if kind == b"IDAT" else b""
+        pos += 12 + size
+    rows = np.frombuffer(zlib.decompress(idat), dtype=np.uint8)  # checks the Adler-32
+    assert rows.size == 700 * (1 + 900 * 3)

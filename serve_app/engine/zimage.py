@@ -336,6 +336,11 @@ class ZImageDenoiser:
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.scheduler_config = scheduler_config
         self.device = device
+        # Tell `progress` of a step once the next step's work is queued on the device, not
+        # at the step boundary: the listener (the replica's event loop) then takes the GIL
+        # while the device is busy, instead of delaying the next launches while it sits
+        # idle. On a CPU, work runs as it is called; there a report is told at once.
+        self.progress_when_queued = device.type == "cuda"
         # The stock pipeline's vae_scale_factor (8 for 4 blocks); latents are 1/8 of the
         # image and the transformer patches them 2x2, so sides must be multiples of 16.
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -490,6 +495,18 @@ class ZImageDenoiser:
         sigma_values = scheduler.sigmas.tolist()  # one host copy, not one sync per step
         steps = len(timesteps)
 
+        told: list[tuple[str, int, int]] = []
+
+        def tell(stage: str, done: int) -> None:
+            told.append((stage, done, steps))
+            if not self.progress_when_queued:
+                flush()
+
+        def flush() -> None:
+            for report in told:
+                progress(*report)
+            told.clear()
+
         # 4. Denoising loop
         with recorder.stage("denoise"):
             for i, t in enumerate(timesteps):
@@ -498,11 +515,12 @@ class ZImageDenoiser:
                     continue  # dt == 0: the forward could not change the latents
                 with recorder.step():
                     latents = self._step(latents, t, scheduler.sigmas, i, cap_feats, params)
-                progress("denoise", i + 1, steps)
+                    flush()  # the previous step's report, while this step runs
+                tell("denoise", i + 1)
 
         # 5. Decode, one image at a time: the VAE's activations dominate peak memory
         images = []
-        progress("decode", steps, steps)
+        tell("decode", steps)
         with recorder.stage("decode"):
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
             latents = latents + self.vae.config.shift_factor
@@ -510,7 +528,9 @@ class ZImageDenoiser:
                 cancel.check("decode", steps, steps)
                 image = self.vae.decode(latents[k : k + 1], return_dict=False)[0]
                 image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
-                images.append((image * 255).round().to(torch.uint8)[0].cpu().numpy())
+                pixels = (image * 255).round().to(torch.uint8)[0]
+                flush()
+                images.append(pixels.cpu().numpy())
         return images
 
     def _step(self, latents, t, sigmas, i, cap_feats, params) -> torch.Tensor:

@@ -190,3 +190,29 @@ def test_embeddings_cross_processes_as_numpy_bit_exactly(dtype):
     back = PromptEmbeddings.from_arrays(prompt, negative, name)
     assert back.prompt.dtype == dtype and torch.equal(back.prompt, emb.prompt)
     assert torch.equal(back.negative, emb.negative)
+
+
+@pytest.mark.parametrize("when_queued", [False, True])
+def test_progress_reports_every_step_then_decode_in_order(encoder, denoiser, when_queued):
+    """At once (CPU): each report right after its step. When queued (GPU): a step's
+    report after the next step's work is launched, the last ones after the decode's."""
+    events = []
+    hooks = [
+        denoiser.transformer.register_forward_pre_hook(lambda *_: events.append("step")),
+        denoiser.vae.decoder.register_forward_pre_hook(lambda *_: events.append("vae")),
+    ]
+    p = GenerationParams(P.prompt, None, 256, 256, 3, 0.0, 1)
+    denoiser.progress_when_queued = when_queued
+    try:
+        denoiser.generate(
+            p, encoder.encode(p.prompt, None, False), progress=lambda *r: events.append(r)
+        )
+    finally:
+        denoiser.progress_when_queued = False
+        for h in hooks:
+            h.remove()
+    d1, d2, d3, dec = ("denoise", 1, 3), ("denoise", 2, 3), ("denoise", 3, 3), ("decode", 3, 3)
+    if when_queued:
+        assert events == ["step", "step", d1, "step", d2, "vae", d3, dec]
+    else:
+        assert events == ["step", d1, "step", d2, "step", d3, dec, "vae"]
