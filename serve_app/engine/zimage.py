@@ -310,8 +310,31 @@ def prepare_transformer(transformer, attention_backend: str = "native", compile:
     if attention_backend != "native":
         transformer.set_attention_backend(attention_backend)
     if compile:
+        configure_dynamo()
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     return transformer
+
+
+# Graphs one compiled code object may keep. All transformer blocks share one forward (the
+# main layers and both refiners, with and without modulation), compiled for batch 1 and
+# 2, with and without an attention mask: 8 graphs after the warm-up, Dynamo's default
+# limit, past which a `fullgraph=True` call fails.
+RECOMPILE_LIMIT = 64
+
+
+def configure_dynamo() -> None:
+    """Process-wide Dynamo settings for our compiled regions; call before compiling.
+
+    Duck sizing off: with it, a dimension that happens to equal another at compile time
+    (a prompt padded to 64 tokens and the 64 rotary pairs of a head) shares its symbol,
+    which the static one then pins; the next prompt length recompiles. An H200 run
+    failed that way on its first guidance request after the warm-up had used all eight
+    graphs; tests/engine/test_zimage.py checks that no request recompiles.
+    """
+    torch.fx.experimental._config.use_duck_shape = False
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
+    )
 
 
 class ZImageDenoiser:
@@ -374,6 +397,7 @@ class ZImageDenoiser:
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )
         if compile:
+            configure_dynamo()
             vae.decoder.compile(dynamic=True)
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         return cls(transformer, vae, scheduler_config, device)
