@@ -47,6 +47,7 @@ from load_tests.measure import (
     timed_method,
     transformer_flops,
 )
+from serve_app.config import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (
@@ -218,6 +219,7 @@ class Bench:
             self.dtype,
             attention_backend=self.args.attention,
             compile=self.args.compile,
+            fuse_projections=self.args.fuse,
         )
         loaded = time.perf_counter() - start
         sizes = sorted({(c["width"], c["height"]) for c in self.configs})
@@ -228,6 +230,7 @@ class Bench:
             "encoder_warmup_s": encoder_warmup,
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
+            "fuse_projections": self.args.fuse,
         }
         self.log("engine setup", self.result["engine_setup"])
         cap_tokens = len(encoder.token_ids(PROMPT))
@@ -301,6 +304,7 @@ class Bench:
             "model": str(path),
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
+            "fuse_projections": self.args.fuse,
             "warmup_sizes": sizes,
         }
         with (
@@ -585,10 +589,17 @@ class Bench:
         config = self.configs[0]
         h, w = config["height"] // 8, config["width"] // 8
         out: dict = {}
-        real = self.encoder_levers(path, out)
-        self.step_levers(path, out, real, h, w)
-        self.vae_levers(path, out, h, w)
-        self.image_levers(out)
+        groups = self.args.levers
+        if "encoder" in groups:
+            real = self.encoder_levers(path, out)
+        elif "step" in groups:
+            real = self.prompt_embeddings(path)
+        if "step" in groups:
+            self.step_levers(path, out, real, h, w)
+        if {"vae", "image"} & set(groups):  # the image levers encode the VAE's output
+            self.vae_levers(path, out, h, w)
+        if "image" in groups:
+            self.image_levers(out)
         self.result["levers"] = out
         self.log("levers", json.dumps(out, indent=1))
 
@@ -600,6 +611,16 @@ class Bench:
         out[key + "_ms"] = self.median_ms(fn)
         out[key + "_rel_err_vs_fp32"] = float((got - reference).norm() / reference.norm())
         self.log("lever", key, out[key + "_ms"], out[key + "_rel_err_vs_fp32"])
+
+    def prompt_embeddings(self, path: Path) -> torch.Tensor:
+        """PROMPT's embeddings, on the device, from the encoder as served."""
+        from serve_app.engine.zimage import ZImageEncoder
+
+        encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype)
+        real = encoder.encode(PROMPT, None, False).prompt.to(self.device)
+        encoder = None
+        self.free()
+        return real
 
     def encoder_levers(self, path: Path, out: dict) -> torch.Tensor:
         from serve_app.engine.zimage import ZImageEncoder
@@ -660,13 +681,14 @@ class Bench:
 
         reference = step(load(torch.float32), torch.float32).float()
         self.free()
-        variants = [("stock", False), ("ours", False)]
+        variants = [("stock", False), ("ours", False), ("ours_fused", False)]
         if self.device.type == "cuda":
-            variants += [("stock", True), ("ours", True)]
+            variants += [("stock", True), ("ours", True), ("ours_fused", True)]
         for which, compiled in variants:
             model = load(self.dtype)
-            if which == "ours":
-                prepare_transformer(model, self.args.attention, compiled)
+            if which != "stock":
+                fuse = which == "ours_fused"
+                prepare_transformer(model, self.args.attention, compiled, fuse)
             elif compiled:
                 model.compile_repeated_blocks(fullgraph=True, dynamic=True)
             key = f"step_{which}_{'compiled' if compiled else 'eager'}"
@@ -899,6 +921,18 @@ def main() -> None:
     parser.add_argument("--disconnects", type=int, default=200)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--attention", default="native")
+    parser.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=ModelSettings().fuse_projections,
+        help="fused q/k/v and w1/w3 projections (default: the service's default)",
+    )
+    parser.add_argument(
+        "--levers",
+        nargs="+",
+        default=["encoder", "step", "vae", "image"],
+        help="lever groups of the levers phase",
+    )
     parser.add_argument("--commit", default="")
     args = parser.parse_args()
     if args.compile is None:

@@ -25,6 +25,8 @@ class ModelSettings(BaseModel):
         compile: torch.compile the transformer's repeated blocks and the VAE decoder.
             "auto" (default): on CUDA only. Compiled once, with dynamic shapes, during
             the denoiser's warm-up; the README's performance section has what it buys.
+        fuse_projections: one GEMM for each attention's q, k, v projections and one
+            for each feed-forward's w1, w3; same math, same weight memory.
         warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
             without guidance, so that no request pays compilation or first-call costs;
             the replica reports ready only after them. Empty: the smallest size only.
@@ -37,6 +39,7 @@ class ModelSettings(BaseModel):
     dtype: str = "auto"
     attention_backend: str = "native"
     compile: bool | Literal["auto"] = "auto"
+    fuse_projections: bool = False
     warmup_sizes: list[str] = Field(default_factory=list)
 
     @field_validator("warmup_sizes")

@@ -210,6 +210,7 @@ class Denoiser(_Replica):
             settings.dtype,
             settings.attention_backend,
             settings.compile,
+            settings.fuse_projections,
         )
         self._start(engine, [engine.transformer, engine.vae])
         self.metrics.start_at_zero(self.family, self.metrics.cancelled_steps, self.metrics.oom)

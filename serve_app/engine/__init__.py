@@ -51,10 +51,16 @@ def load_denoiser(
     dtype: str = "auto",
     attention_backend: str = "native",
     compile: bool | str = False,
+    fuse_projections: bool = False,
 ):
     """Load the denoiser (transformer + VAE + scheduler config) of `model`."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
     return FAMILY_MODULES[family].ZImageDenoiser.from_pretrained(
-        path, dev, pick_dtype(dtype, dev), attention_backend, pick_compile(compile, dev)
+        path,
+        dev,
+        pick_dtype(dtype, dev),
+        attention_backend,
+        pick_compile(compile, dev),
+        fuse_projections,
     )

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers import ZImageTransformer2DModel
-from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+from diffusers.models.transformers.transformer_z_image import (
+    FeedForward,
+    ZSingleStreamAttnProcessor,
+)
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.engine.cancel import CancelToken
@@ -121,6 +126,7 @@ class ZImageEncoder:
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
+        self._side_stream = None
 
     @classmethod
     def from_pretrained(
@@ -222,10 +228,13 @@ class ZImageEncoder:
         if (batch, length) not in self._graphs:
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
+                # One side stream for every warm-up: cuBLAS keeps a workspace (32 MiB on
+                # Hopper) per stream it has run on, for the life of the process.
+                self._side_stream = torch.cuda.Stream(self.device)
             static_ids = torch.full(
                 (batch, length), self.tokenizer.pad_token_id, device=self.device
             )
-            side = torch.cuda.Stream(self.device)
+            side = self._side_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up runs before capture, per CUDA's recipe
                 for _ in range(2):
@@ -250,9 +259,13 @@ class RealRopeAttnProcessor(ZSingleStreamAttnProcessor):
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None
     ):
-        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if hasattr(attn, "to_qkv"):  # fused by fuse_projections: one GEMM for the three
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = (p(hidden_states) for p in (attn.to_q, attn.to_k, attn.to_v))
+        query = query.unflatten(-1, (attn.heads, -1))
+        key = key.unflatten(-1, (attn.heads, -1))
+        value = value.unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -300,13 +313,61 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def prepare_transformer(transformer, attention_backend: str = "native", compile: bool = False):
+class FusedFeedForward(nn.Module):
+    """Z-Image's SwiGLU feed-forward, w2(silu(w1 x) * w3 x), with w1 and w3 as one GEMM."""
+
+    def __init__(self, ff: FeedForward):
+        super().__init__()
+        self.w13 = _fused_linear(ff.w1, ff.w3)
+        self.w2 = ff.w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x3 = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(x1) * x3)
+
+
+def _fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free Linear whose output is the given ones' outputs, concatenated."""
+    first = linears[0]
+    if any(lin.bias is not None for lin in linears):
+        raise ValueError("fusing linear layers with a bias is not implemented")
+    fused = nn.Linear(
+        first.in_features,
+        sum(lin.out_features for lin in linears),
+        bias=False,
+        device=first.weight.device,
+        dtype=first.weight.dtype,
+    )
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+    return fused
+
+
+def fuse_projections(transformer) -> None:
+    """In place: each attention's q, k and v projections become one GEMM (`to_qkv`), and
+    each feed-forward's w1 and w3 another. The separate weights are dropped, block by
+    block, so the weights take no more memory than before."""
+    for module in list(transformer.modules()):
+        if isinstance(getattr(module, "processor", None), RealRopeAttnProcessor):
+            module.to_qkv = _fused_linear(module.to_q, module.to_k, module.to_v)
+            del module.to_q, module.to_k, module.to_v
+        for name, child in list(module.named_children()):
+            if isinstance(child, FeedForward):
+                setattr(module, name, FusedFeedForward(child))
+
+
+def prepare_transformer(
+    transformer, attention_backend: str = "native", compile: bool = False, fuse: bool = False
+):
     """Our changes to a loaded ZImageTransformer2DModel, in place: real-valued RoPE
-    attention, the attention backend, and regional compilation."""
+    attention, fused projections if `fuse`, the attention backend, and regional
+    compilation."""
     for module in transformer.modules():
         if isinstance(getattr(module, "processor", None), ZSingleStreamAttnProcessor):
             module.set_processor(RealRopeAttnProcessor())
     transformer.rope_embedder = RealRopeEmbedder(transformer.rope_embedder)
+    if fuse:
+        fuse_projections(transformer)
     if attention_backend != "native":
         transformer.set_attention_backend(attention_backend)
     if compile:
@@ -376,6 +437,7 @@ class ZImageDenoiser:
         dtype: torch.dtype,
         attention_backend: str = "native",
         compile: bool = False,
+        fuse_projections: bool = False,
     ) -> "ZImageDenoiser":
         """Load from a diffusers-format folder.
 
@@ -388,11 +450,14 @@ class ZImageDenoiser:
                 compilation) and the VAE decoder, with dynamic shapes: one compilation
                 serves every size, prompt length and batch. The first call compiles;
                 see `warmup`.
+            fuse_projections: one GEMM for each attention's q, k and v and one for each
+                feed-forward's w1 and w3 (see `fuse_projections`). LoRA adapters on those
+                layers would not apply to the fused ones.
         """
         transformer = ZImageTransformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
-        prepare_transformer(transformer, attention_backend, compile)
+        prepare_transformer(transformer, attention_backend, compile, fuse_projections)
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )

@@ -251,3 +251,25 @@ def test_after_warmup_no_request_recompiles(tiny_path, monkeypatch):
                 den.generate(p, PromptEmbeddings(torch.zeros(n_prompt, hidden), negative))
     finally:
         torch._dynamo.reset()
+
+
+def test_fused_projections_draw_the_same_image_with_the_same_weight_memory(
+    tiny_path, encoder, denoiser
+):
+    from serve_app.engine.zimage import ZImageDenoiser
+
+    fused = ZImageDenoiser.from_pretrained(
+        tiny_path, torch.device("cpu"), torch.float32, fuse_projections=True
+    )
+    attn = fused.transformer.layers[0].attention
+    assert hasattr(attn, "to_qkv") and not hasattr(attn, "to_q")
+    assert hasattr(fused.transformer.layers[0].feed_forward, "w13")
+
+    def weight_bytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    assert weight_bytes(fused.transformer) == weight_bytes(denoiser.transformer)
+    p = GenerationParams(P.prompt, "blurry", 256, 256, 3, 4.0, 5)
+    emb = encoder.encode(p.prompt, p.negative_prompt, True)
+    [ours], [theirs] = fused.generate(p, emb), denoiser.generate(p, emb)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1

@@ -52,6 +52,16 @@ def test_openai_client_gets_a_png_of_the_requested_size(service):
     assert all(v == 0 for v in extra["vram"].values())  # CPU
 
 
+def test_images_larger_than_a_grpc_message_cross_between_replicas(service):
+    """Replicas talk gRPC (deploy/serve_config.yaml); 1536x1536 pixels are 7 MB, past
+    gRPC's default 4 MB message limit, which failed 1280x1280 on an H200 run."""
+    body = {"prompt": "wide", "size": "1536x1536", "num_inference_steps": 1}
+    with service.client() as http:
+        r = http.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert png(r.content).size == (1536, 1536)
+
+
 def test_openai_client_lists_the_model(service):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
     [model] = client.models.list().data
