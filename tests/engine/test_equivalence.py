@@ -22,7 +22,7 @@ def count_calls(module):
 
 
 def stock(pipe, p: GenerationParams, sigmas=None):
-    calls, handle = count_calls(pipe.transformer)
+    calls, handle = count_calls(pipe.transformer.t_embedder)
     try:
         images = pipe(
             p.prompt,
@@ -43,7 +43,7 @@ def stock(pipe, p: GenerationParams, sigmas=None):
 
 
 def ours(encoder, denoiser, p: GenerationParams, sigmas=None):
-    calls, handle = count_calls(denoiser.transformer)
+    calls, handle = count_calls(denoiser.transformer.t_embedder)
     try:
         emb = encoder.encode(p.prompt, p.negative_prompt, with_negative=p.uses_guidance)
         images = np.stack(denoiser.generate(p, emb, sigmas=sigmas))
@@ -58,6 +58,18 @@ CASES = {
         "a lighthouse in a storm", "blurry, low quality", 320, 256, 6, 5.0, 7, num_images=2
     ),
     "guidance-empty-negative": GenerationParams("ramen, top view", None, 256, 320, 4, 1.5, 2**40),
+    # Prompt and negative padded to different lengths (an attention mask), and an image
+    # of 17x16 patches, which the transformer pads to a multiple of 32 tokens.
+    "masked-guidance-padded-image": GenerationParams(
+        "a cat",
+        "blurry, dark, noisy, low quality, overexposed, underexposed, cropped, watermark, "
+        "text, signature, deformed hands, extra fingers, jpeg artifacts, oversaturated",
+        272,
+        256,
+        4,
+        3.0,
+        9,
+    ),
 }
 
 

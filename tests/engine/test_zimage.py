@@ -60,7 +60,7 @@ def test_cancel_before_start_runs_nothing(encoder, denoiser):
     emb = encoder.encode(P.prompt, None, False)
     token = CancelToken()
     token.cancel()
-    handle, calls = cancel_on_call(denoiser.transformer, CancelToken(), 0)
+    handle, calls = cancel_on_call(denoiser.transformer.t_embedder, CancelToken(), 0)
     try:
         with pytest.raises(Cancelled) as err:
             denoiser.generate(P, emb, cancel=token)
@@ -72,7 +72,7 @@ def test_cancel_before_start_runs_nothing(encoder, denoiser):
 def test_cancel_mid_loop_stops_at_the_next_step(encoder, denoiser):
     emb = encoder.encode(P.prompt, None, False)
     token = CancelToken()
-    handle, calls = cancel_on_call(denoiser.transformer, token, 3)
+    handle, calls = cancel_on_call(denoiser.transformer.t_embedder, token, 3)
     recorder = StageRecorder(denoiser.device)
     try:
         with pytest.raises(Cancelled) as err:
@@ -166,16 +166,16 @@ def test_the_graphed_forward_computes_what_the_stock_encoder_does(encoder):
         torch.testing.assert_close(padded[row, : len(i)], stock, rtol=1e-5, atol=1e-5)
 
 
-def test_warmup_runs_every_path_a_request_can_take(denoiser):
+def test_warmup_runs_every_path_a_request_can_take(denoiser, monkeypatch):
     """Unmasked and masked guidance batches compile to different graphs: both warm."""
-    calls = []
-    handle = denoiser.transformer.register_forward_pre_hook(
-        lambda _m, args: calls.append([c.shape[0] for c in args[2]])
-    )
-    try:
-        took = denoiser.warmup([(256, 256)])
-    finally:
-        handle.remove()
+    calls, forward = [], denoiser._forward
+
+    def spy(x, t, cap_feats, cache):
+        calls.append([c.shape[0] for c in cap_feats])
+        return forward(x, t, cap_feats, cache)
+
+    monkeypatch.setattr(denoiser, "_forward", spy)
+    took = denoiser.warmup([(256, 256)])
     assert set(took) == {"256x256"}
     assert calls == [[40], [40, 40], [40, 8]]
 
@@ -198,7 +198,7 @@ def test_progress_reports_every_step_then_decode_in_order(encoder, denoiser, whe
     report after the next step's work is launched, the last ones after the decode's."""
     events = []
     hooks = [
-        denoiser.transformer.register_forward_pre_hook(lambda *_: events.append("step")),
+        denoiser.transformer.t_embedder.register_forward_pre_hook(lambda *_: events.append("step")),
         denoiser.vae.decoder.register_forward_pre_hook(lambda *_: events.append("vae")),
     ]
     p = GenerationParams(P.prompt, None, 256, 256, 3, 0.0, 1)
