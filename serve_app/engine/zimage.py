@@ -668,10 +668,14 @@ class ZImageDenoiser:
         for image, cap in zip(x, cap_feats, strict=True):
             cap_grid = (len(cap) + (-len(cap)) % SEQ_MULTI_OF, 1, 1)
             padded, pos, pad, cap_len, _ = tr._pad_with_ids(cap, cap_grid, (1, 0, 0), device)
-            caps.append(padded), cap_pos.append(pos), cap_pad.append(pad)
+            caps.append(padded)
+            cap_pos.append(pos)
+            cap_pad.append(pad)
             flat, size, grid = tr._patchify_image(image, PATCH, F_PATCH)
             _, pos, pad, _, _ = tr._pad_with_ids(flat, grid, (cap_len + 1, 0, 0), device)
-            x_pos.append(pos), x_pad.append(pad), sizes.append(size)
+            x_pos.append(pos)
+            x_pad.append(pad)
+            sizes.append(size)
         x_seqlens = [len(p) for p in x_pad]
         x_freqs = pad_sequence(
             list(tr.rope_embedder(torch.cat(x_pos)).split(x_seqlens)), batch_first=True
