@@ -168,15 +168,19 @@ def timed_method(
 
 
 def summary(values: list[float]) -> dict:
-    """p50/p90/min/max in milliseconds."""
+    """p50/p90/p99/min/max in milliseconds (p90, p99: nearest rank)."""
     if not values:
         return {}
     ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+    def rank(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 2)
+
     return {
         "n": len(values),
         "p50_ms": round(statistics.median(values) * 1000, 2),
-        "p90_ms": round(p90 * 1000, 2),
+        "p90_ms": rank(0.9),
+        "p99_ms": rank(0.99),
         "min_ms": round(ordered[0] * 1000, 2),
         "max_ms": round(ordered[-1] * 1000, 2),
     }

@@ -401,6 +401,13 @@ def configure_dynamo() -> None:
     )
 
 
+def to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """The VAE's [1, 3, H, W] output in [-1, 1] as HxWx3 uint8, as the stock pipeline
+    rounds it."""
+    image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+    return (image * 255).round().to(torch.uint8)[0]
+
+
 class ZImageDenoiser:
     """Embeddings -> latents through our own flow-match Euler loop -> VAE decode -> pixels.
 
@@ -619,9 +626,7 @@ class ZImageDenoiser:
             latents = latents + self.vae.config.shift_factor
             for k in range(params.num_images):
                 cancel.check("decode", steps, steps)
-                image = self.vae.decode(latents[k : k + 1], return_dict=False)[0]
-                image = (image * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
-                pixels = (image * 255).round().to(torch.uint8)[0]
+                pixels = to_pixels(self.vae.decode(latents[k : k + 1], return_dict=False)[0])
                 flush()
                 images.append(pixels.cpu().numpy())
         return images

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from load_tests.local_service import ROOT
+
+pytestmark = pytest.mark.serve  # its service phase starts a real Ray Serve application
 
 
 def test_harness_smoke_run(tmp_path):
