@@ -106,8 +106,9 @@ class ZImageEncoder:
         max_tokens: longest accepted prompt, chat template included.
         cuda_graphs: replay the forward from CUDA graphs, one per (batch, length bucket),
             captured on first use (see `warmup`). A short prompt's forward is bound by
-            kernel launches, not by arithmetic: on an H200 the 4B encoder took ~50 ms
-            for 65 tokens. Default: on CUDA.
+            kernel launches, not by arithmetic: on an H200 the 4B encoder took 31-37 ms
+            eagerly for 65 tokens (*levers-1*, *levers-2*), 9 ms replayed (*bench-6*).
+            Default: on CUDA.
     """
 
     family = FAMILY
@@ -138,9 +139,9 @@ class ZImageEncoder:
         """Load the tokenizer and text encoder from a diffusers-format folder.
 
         Args:
-            compile: torch.compile the text encoder (dynamic shapes). On a GPU it cuts
-                the launch-bound forward of a short prompt to about a third; the first
-                call compiles, see `warmup`.
+            compile: torch.compile the text encoder (dynamic shapes). On an H200 it cut
+                a 65-token eager forward from 30.8 to 12.4 ms (*levers-2*); the first call
+                compiles, see `warmup`.
         """
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         text_encoder = AutoModel.from_pretrained(
@@ -482,8 +483,9 @@ class ZImageDenoiser:
         take, so that compilation, kernel selection and allocator growth happen before
         the first request: no guidance; guidance with a negative prompt as long as the
         prompt (no attention mask); and with one of another padded length (masked). An
-        H200 run that warmed only the first two paid a 4 s recompilation on its first
-        masked request. Returns the seconds each size took."""
+        H200 run that warmed only the first two took 4.6 s for its first masked request
+        at 768x768 and 10 steps, against 1.2 s once warm (*sweep-cancel*, *-2*).
+        Returns the seconds each size took."""
         hidden = self.transformer.config.cap_feat_dim
         dtype = self.transformer.dtype
 
@@ -637,7 +639,8 @@ class ZImageDenoiser:
         `cache`: the caption's embedding and refiner blocks, position ids, rotary tables,
         padding and attention masks. The stock forward recomputes them every step: about
         a hundred small kernels and their Python, with the device idle after each step's
-        sync (an H200 at 768x768: 6 ms a step between 51 ms of kernels). Same math:
+        sync (an H200 at 768x768: 57 ms a step for 51 ms of kernels, *step-idle-probe*).
+        Same math:
         tests/engine/test_equivalence.py holds the pixels to the stock pipeline's."""
         tr = self.transformer
         if not cache:
@@ -653,7 +656,8 @@ class ZImageDenoiser:
         embedded = torch.where(cache["x_pad_mask"], tr.x_pad_token, embedded)
         hidden = pad_sequence(list(embedded.split(cache["x_seqlens"])), batch_first=True)
         for layer in tr.noise_refiner:
-            hidden = layer(hidden, cache["x_mask"], cache["x_freqs"], adaln, None, None, None)
+            # No mask: the images of one request have one size, hence one length.
+            hidden = layer(hidden, None, cache["x_freqs"], adaln, None, None, None)
         cap, x_len, cap_len = cache["cap"], cache["x_seqlens"], cache["cap_seqlens"]
         unified = pad_sequence(
             [torch.cat([hidden[i][: x_len[i]], cap[i][: cap_len[i]]]) for i in range(len(x))],
@@ -677,7 +681,7 @@ class ZImageDenoiser:
             cap_pos.append(pos)
             cap_pad.append(pad)
             flat, size, grid = tr._patchify_image(image, PATCH, F_PATCH)
-            _, pos, pad, _, _ = tr._pad_with_ids(flat, grid, (cap_len + 1, 0, 0), device)
+            _, pos, pad, x_len, _ = tr._pad_with_ids(flat, grid, (cap_len + 1, 0, 0), device)
             x_pos.append(pos)
             x_pad.append(pad)
             sizes.append(size)
@@ -707,10 +711,9 @@ class ZImageDenoiser:
                 mask[i, :length] = 1
         return {
             "x_seqlens": x_seqlens,
-            "x_pad": x_seqlens[0] - len(tr._patchify_image(x[0], PATCH, F_PATCH)[0]),
+            "x_pad": x_len - len(flat),  # padding tokens after each image's patches
             "x_pad_mask": torch.cat(x_pad).unsqueeze(-1),
             "x_freqs": x_freqs,
-            "x_mask": None,  # one request: every image has the same size
             "cap": cap,
             "cap_seqlens": cap_seqlens,
             "freqs": freqs,
