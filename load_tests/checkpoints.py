@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from serve_app.engine.tiny import assemble, build_tokenizer, vae_config
+from serve_app.engine.tiny import assemble, build_tokenizer, save_once, vae_config
 
 # Z-Image-Turbo's transformer, Qwen3-4B, and the 16-channel (Flux-style) VAE.
 FULL = {
@@ -40,7 +40,7 @@ FULL = {
 }
 
 
-def _fill(module: torch.nn.Module) -> None:
+def _fill(module: torch.nn.Module) -> torch.nn.Module:
     """Random values with sane scales: norms at 1, biases at 0, the rest N(0, 0.02)."""
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -50,16 +50,22 @@ def _fill(module: torch.nn.Module) -> None:
                 param.zero_()
             else:
                 param.normal_(0.0, 0.02)
+    return module
 
 
 def save_full_zimage(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> Path:
     """Write a full-size random-weight Z-Image checkpoint to `path` (about 20 GB)."""
+    path = save_once(path, lambda: build_full_zimage(device, dtype))
+    torch.cuda.empty_cache()
+    return path
+
+
+def build_full_zimage(device: str, dtype: torch.dtype):
+    """The full-size Z-Image pipeline with random weights, built on `device`."""
     from diffusers import AutoencoderKL
     from diffusers.models.transformers import ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    if (path / "model_index.json").is_file():
-        return path
     tokenizer = build_tokenizer()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -74,19 +80,10 @@ def save_full_zimage(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> 
             vae = AutoencoderKL(**FULL["vae"])
     finally:
         torch.set_default_dtype(default)
-    modules = []
-    for module in (transformer, text_encoder, vae):
-        module = module.to_empty(device=device)
-        _fill(module)
-        modules.append(module)
-    transformer, text_encoder, vae = modules
-    pipe = assemble(tokenizer, text_encoder, transformer, vae)
-    tmp = path.with_name(path.name + ".partial")
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(path)
-    del pipe, transformer, text_encoder, vae, modules
-    torch.cuda.empty_cache()
-    return path
+    transformer, text_encoder, vae = (
+        _fill(module.to_empty(device=device)) for module in (transformer, text_encoder, vae)
+    )
+    return assemble(tokenizer, text_encoder, transformer, vae)
 
 
 def main() -> None:

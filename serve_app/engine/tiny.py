@@ -142,17 +142,22 @@ def ensure_tiny(root: Path, name: str = TINY_NAME, **sizes) -> Path:
     """Return the checkpoint folder `root/name`, generating it if it is missing.
 
     `sizes` go to build_tiny_pipeline; the default is the embedded `tiny`.
+    """
+    return save_once(root / name, lambda: build_tiny_pipeline(**sizes))
 
-    Several replicas may start at once: each builds into its own temporary folder and
+
+def save_once(final: Path, build) -> Path:
+    """`final`, holding the pipeline `build()` returns, saved there unless it already is.
+
+    Several processes may start at once: each saves into its own temporary folder and
     the first rename wins, so a reader never sees a half-written checkpoint.
     """
-    final = root / name
     if (final / "model_index.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_tiny_pipeline(**sizes).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, final)
         except OSError:
