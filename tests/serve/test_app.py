@@ -26,13 +26,13 @@ def test_replicas_are_placed_on_gpus_as_the_config_says(service):
     den = service.handle("Denoiser").describe.remote().result()
     # Real Ray placement of logical GPUs: both fractions share one card.
     assert enc["gpu_ids"] == den["gpu_ids"] and len(den["gpu_ids"]) == 1
+    # The config's single-GPU layout (a pin on deploy/serve_config.yaml) ...
     enc_gpus = deployment_config(service.config, "PromptEncoder")["ray_actor_options"]["num_gpus"]
     den_gpus = deployment_config(service.config, "Denoiser")["ray_actor_options"]["num_gpus"]
     assert (enc_gpus, den_gpus) == (0.25, 0.75)
+    assert "GPU" not in deployment_config(service.config, "Ingress")["ray_actor_options"]
+    # ... is what Ray reserved: the rest of the logical GPUs is free.
     assert ray.available_resources().get("GPU", 0) == pytest.approx(NUM_GPUS - enc_gpus - den_gpus)
-    assert (
-        "GPU" not in (deployment_config(service.config, "Ingress")["ray_actor_options"])
-    )  # the ingress is CPU only
     assert den["device"] == "cpu"  # no CUDA here: the engine runs on the CPU
 
 

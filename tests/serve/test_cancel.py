@@ -121,6 +121,7 @@ def test_half_of_twenty_concurrent_clients_leave_and_the_others_get_their_own_im
         return await asyncio.gather(*calls)
 
     results = asyncio.run(crowd())
+    assert any(r is None for r in results[1::2])  # clients did leave in the crowd
     together = results[0::2]
     assert all(r.status_code == 200 for r in together)
 
@@ -137,7 +138,8 @@ def test_cancel_by_id_while_queued_means_it_never_starts(service):
     first = start(service, SLOW, busy)
     time.sleep(1.5)  # `busy` is in the step loop (~12 s of work)
     second = start(service, {**SLOW, "size": "256x256"}, queued)
-    time.sleep(1.0)  # it reaches the denoiser and waits behind `busy`
+    # `queued` reaches the denoiser and waits behind `busy`.
+    wait_for(lambda: service.handle("Denoiser").describe.remote().result()["queue_depth"])
 
     r = cancel(service, queued)
     assert r.status_code == 200, r.text
@@ -177,10 +179,13 @@ def test_cancel_while_encoding_skips_the_denoiser(service):
 
 def test_cancel_while_decoding_skips_the_remaining_images(service):
     victim = rid("decoding")
-    # One step (~0.2 s), then four 1024x1024 decodes (~1.5 s each).
     body = {"prompt": "four", "size": "1024x1024", "num_inference_steps": 1, "n": 4}
+    # How long this machine takes to reach decoding and to decode one image, from the
+    # same request with one image; then cancel half-way through the second decode.
+    with service.client() as http:
+        t = http.post("/v1/images/generations", json={**body, "n": 1}).json()["timings"]
     req = start(service, body, victim)
-    time.sleep(1.5)
+    time.sleep((t["encode"] + t["queue"] + t["denoise"] + 1.5 * t["decode"]) / 1000)
     r = cancel(service, victim)
     assert r.status_code == 200, r.text
     assert (r.json()["stage"], r.json()["steps_done"]) == ("decode", 1)

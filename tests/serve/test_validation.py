@@ -146,4 +146,5 @@ def test_unknown_route_and_method(service):
 
 def test_service_still_works_after_bad_input(service):
     with service.client() as http:
+        assert http.post("/generate", json={**OK, "prompt": " "}).status_code == 400
         assert http.post("/generate", json=OK).status_code == 200
