@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
-export METRICS_PORT ?= 8080
 
 .PHONY: install serve test prometheus report lint format bench clean
 
