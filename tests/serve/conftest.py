@@ -5,6 +5,7 @@ deploy/serve_config.yaml with the `serve run` CLI, as a user would, with test-on
 changes: free ports, a test checkpoint, one Ingress replica (two cores in CI).
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,25 @@ from serve_app.engine.checkpoint import cache_dir
 from serve_app.engine.tiny import ensure_tiny
 
 NUM_GPUS = 2
+# On the CPU a 1024x1024 step of the tiny transformer takes ~0.2 s and decoding one
+# 1024x1024 image ~1.5 s: long enough to cancel in the act.
+SLOW = {"prompt": "a slow one", "size": "1024x1024", "num_inference_steps": 60}
+
+
+def wait_for(predicate, timeout=30.0, every=0.05):
+    """predicate()'s first true value, polling; fails the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def denoiser_record(service, request_id):
+    """The Denoiser's record of where a cancelled request stopped, or None."""
+    return service.handle("Denoiser").cancellation.remote(request_id).result()
 
 
 @pytest.fixture(scope="session")

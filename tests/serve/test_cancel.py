@@ -13,13 +13,10 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.serve.conftest import SLOW, denoiser_record, wait_for
 from tests.serve.test_app import png
 
 pytestmark = pytest.mark.serve
-
-# On the CPU a 1024x1024 step of the tiny transformer takes ~0.2 s and decoding one
-# 1024x1024 image ~1.5 s: long enough to cancel in the act.
-SLOW = {"prompt": "a slow one", "size": "1024x1024", "num_inference_steps": 60}
 
 
 def rid(name: str) -> str:
@@ -44,23 +41,9 @@ def start(service, body: dict, request_id: str, timeout: float = 120) -> dict:
     return out
 
 
-def wait_for(predicate, timeout=30.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def cancel(service, request_id: str) -> httpx.Response:
     with service.client() as http:
         return http.post(f"/v1/requests/{request_id}/cancel")
-
-
-def denoiser_record(service, request_id):
-    return service.handle("Denoiser").cancellation.remote(request_id).result()
 
 
 def encoder_record(service, request_id):

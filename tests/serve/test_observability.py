@@ -24,6 +24,7 @@ import ray
 import yaml
 
 from load_tests.local_service import ROOT, free_port
+from tests.serve.conftest import SLOW, denoiser_record, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -43,9 +44,7 @@ GRAFANA_VARIABLES = {
     "$stage": ".*",
 }
 SMALL = {"prompt": "a small one", "size": "256x256", "num_inference_steps": 2}
-# On the CPU a 1024x1024 step of the tiny transformer takes ~0.2 s: a client that leaves
-# after 2 s leaves in the step loop.
-SLOW = {"prompt": "a slow one", "size": "1024x1024", "num_inference_steps": 60}
+# SLOW (conftest): a client that leaves it after 2 s leaves in the step loop.
 
 
 def binary(name: str) -> str:
@@ -192,10 +191,7 @@ def traffic(service, prometheus) -> Prometheus:
     victim = f"leaves-{uuid.uuid4().hex[:8]}"
     with pytest.raises(httpx.ReadTimeout):
         post(service, SLOW, timeout=2.0, request_id=victim)
-    deadline = time.monotonic() + 30
-    while service.handle("Denoiser").cancellation.remote(victim).result() is None:
-        assert time.monotonic() < deadline, "the Denoiser never recorded the cancel"
-        time.sleep(0.1)
+    wait_for(lambda: denoiser_record(service, victim))  # the Denoiser recorded the cancel
     assert post(service, SMALL).status_code == 200
     return prometheus
 
