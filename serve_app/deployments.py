@@ -283,18 +283,20 @@ class Denoiser(_Replica):
         finally:
             self.metrics.queue_depth.set(self.worker.waiting)
 
-        queue_s = started[0] - sent_at
-        for name, rec in recorder.stages.items():
-            self.metrics.stage(self.family, name, rec.seconds, rec.vram_peak_bytes)
-        self.metrics.stage(self.family, "queue", queue_s)
-        self.metrics.steps(self.family, recorder.step_seconds, params.width, params.height)
-        steps = recorder.step_seconds
-        yield Generated(
-            images=images,
-            timings_ms={"queue": round(queue_s * 1000, 3), **recorder.timings_ms()},
-            vram=recorder.vram_peaks(),
-            step_ms=round(statistics.median(steps) * 1000, 3) if steps else 0.0,
-        )
+        queue_s, steps = started[0] - sent_at, recorder.step_seconds
+        try:
+            yield Generated(
+                images=images,
+                timings_ms={"queue": round(queue_s * 1000, 3), **recorder.timings_ms()},
+                vram=recorder.vram_peaks(),
+                step_ms=round(statistics.median(steps) * 1000, 3) if steps else 0.0,
+                sent_at=time.time(),
+            )
+        finally:  # once the images are on their way
+            for name, rec in recorder.stages.items():
+                self.metrics.stage(self.family, name, rec.seconds, rec.vram_peak_bytes)
+            self.metrics.stage(self.family, "queue", queue_s)
+            self.metrics.steps(self.family, steps, params.width, params.height)
 
     def _account_cancel(self, request_id, params, ended, token, step_seconds) -> None:
         total = params.num_inference_steps

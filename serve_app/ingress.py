@@ -444,7 +444,9 @@ class Ingress:
 
     async def _run(self, request_id: str, params: GenerationParams, req, state: _State, b64: bool):
         state.stage = "encode"
+        called = time.monotonic()
         prompt = await _call(self.encoder.encode.remote(request_id, params))
+        encode_call_s = time.monotonic() - called
         state.stage = "queued"
         stream = self.denoiser.options(stream=True).generate.remote(
             request_id, params, prompt, time.time()
@@ -455,7 +457,7 @@ class Ingress:
                 if isinstance(event, Progress):
                     state.stage, state.steps_done = event.stage, event.steps_done
                 elif isinstance(event, Generated):
-                    result = event
+                    result, received_at = event, time.time()
         except asyncio.CancelledError:
             stream.cancel()
             raise
@@ -469,8 +471,19 @@ class Ingress:
             return [pybase64.b64encode(e) for e in encoded] if b64 else encoded
 
         images = await asyncio.to_thread(encode_all)
+        # Time between replicas, outside every stage: the encoder's call beyond its own
+        # encoding, and the images' trip from the denoiser (wall clocks of one host, or of
+        # hosts as close as their clocks agree).
+        transfers = {
+            "encode_transfer": encode_call_s * 1000 - prompt.timings_ms["encode"],
+            "result_transfer": (received_at - result.sent_at) * 1000,
+        }
         summary = {
-            "timings_ms": {**prompt.timings_ms, **result.timings_ms},
+            "timings_ms": {
+                **prompt.timings_ms,
+                **result.timings_ms,
+                **{k: round(v, 3) for k, v in transfers.items()},
+            },
             "vram": {**prompt.vram, **result.vram},
             "step_ms": result.step_ms,
         }

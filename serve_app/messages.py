@@ -78,9 +78,11 @@ class Generated:
         timings_ms: per stage ("queue", "denoise", "decode").
         vram: peak device bytes per stage ("denoise", "decode").
         step_ms: median denoising step time.
+        sent_at: time.time() when the denoiser sent this message (for the transfer time).
     """
 
     images: list[np.ndarray]
     timings_ms: dict[str, float]
     vram: dict[str, int]
     step_ms: float
+    sent_at: float = 0.0

@@ -23,7 +23,16 @@ from pathlib import Path
 
 import httpx
 
-STAGES = ("encode", "queue", "denoise", "decode", "encode_image", "e2e")
+STAGES = (
+    "encode",
+    "encode_transfer",
+    "queue",
+    "denoise",
+    "decode",
+    "result_transfer",
+    "encode_image",
+    "e2e",
+)
 DEFAULT_SIZES = ((768, 768), (1024, 1024), (1280, 1280))
 _CONFIG = re.compile(r"^(\d+)x(\d+)(?::(\d+))?(?::(\d+(?:\.\d+)?))?$")
 

@@ -47,7 +47,9 @@ def test_openai_client_gets_a_png_of_the_requested_size(service):
         assert (image.format, image.size, image.mode) == ("PNG", (320, 256), "RGB")
     extra = result.model_extra
     assert isinstance(extra["seed"], int)
-    assert set(extra["timings"]) == {"encode", "queue", "denoise", "decode", "encode_image", "e2e"}
+    stages = {"encode", "queue", "denoise", "decode", "encode_image", "e2e"}
+    assert set(extra["timings"]) == stages | {"encode_transfer", "result_transfer"}
+    assert all(extra["timings"][k] >= 0 for k in ("encode_transfer", "result_transfer"))
     assert set(extra["vram"]) == {"encode", "denoise", "decode"}
     assert all(v == 0 for v in extra["vram"].values())  # CPU
 
