@@ -111,6 +111,7 @@ class _Replica:
         self.family = engine.family
         self.worker = DeviceWorker()
         self.metrics = Metrics()
+        self.accounting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
         self.cancellations: OrderedDict[str, dict] = OrderedDict()
         self.weights_bytes = _module_bytes(*weights)
         threading.Thread(target=self._refresh_gauges, daemon=True).start()
@@ -284,6 +285,13 @@ class Denoiser(_Replica):
             self.metrics.queue_depth.set(self.worker.waiting)
 
         queue_s, steps = started[0] - sent_at, recorder.step_seconds
+
+        def account() -> None:
+            for name, rec in recorder.stages.items():
+                self.metrics.stage(self.family, name, rec.seconds, rec.vram_peak_bytes)
+            self.metrics.stage(self.family, "queue", queue_s)
+            self.metrics.steps(self.family, steps, params.width, params.height)
+
         try:
             yield Generated(
                 images=images,
@@ -292,11 +300,8 @@ class Denoiser(_Replica):
                 step_ms=round(statistics.median(steps) * 1000, 3) if steps else 0.0,
                 sent_at=time.time(),
             )
-        finally:  # once the images are on their way
-            for name, rec in recorder.stages.items():
-                self.metrics.stage(self.family, name, rec.seconds, rec.vram_peak_bytes)
-            self.metrics.stage(self.family, "queue", queue_s)
-            self.metrics.steps(self.family, steps, params.width, params.height)
+        finally:  # on another thread: the caller waits for this stream's end
+            self.accounting.submit(account)
 
     def _account_cancel(self, request_id, params, ended, token, step_seconds) -> None:
         total = params.num_inference_steps
