@@ -62,9 +62,9 @@ def png_sweep() -> dict:
                 imaging.STRIP_THREADS, imaging.STRIP_BYTES = threads, strip_kib * 1024
                 imaging._strips = ThreadPoolExecutor(threads)
                 out[f"{side} threads={threads} strip={strip_kib}KiB"] = {
-                    "png_ms": median_ms(lambda: imaging.encode_png(pixels)),
+                    "png_ms": median_ms(lambda p=pixels: imaging.encode_png(p)),
                     "png_b64_ms": median_ms(
-                        lambda: pybase64.b64encode(imaging.encode_png(pixels))
+                        lambda p=pixels: pybase64.b64encode(imaging.encode_png(p))
                     ),
                 }
     return out
@@ -143,7 +143,8 @@ def serve_child(mode: str) -> dict:
     with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as http:
         result["replica handles use gRPC"] = http.get("/grpc").json()
         for path in ("/small", "/big"):
-            result[f"proxy {path}"] = median_ms(lambda: http.get(path).content, runs=50, warmup=5)
+            get = lambda p=path: http.get(p).content  # noqa: E731
+            result[f"proxy {path}"] = median_ms(get, runs=50, warmup=5)
         for kind in ("small", "pixels_unary", "stream"):
             result[f"handle {kind}"] = http.get(f"/hop/{kind}").json()
     serve.shutdown()
