@@ -16,7 +16,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy" / "serve_config.yaml"
-CLUSTER_ENV = ROOT / "deploy" / "cluster.env"
 APP = "t2i"
 
 
@@ -44,12 +43,6 @@ class LocalService:
 
     def client(self, timeout: float = 120, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
-
-
-def cluster_env() -> dict[str, str]:
-    """deploy/cluster.env's KEY=VALUE lines: what the Ray cluster starts with."""
-    lines = (line.strip() for line in CLUSTER_ENV.read_text().splitlines())
-    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
 def make_config(model_args: dict, ingress_max_replicas: int | None, port: int) -> dict:
@@ -82,7 +75,6 @@ def local_service(
     http_port, metrics_port = free_port(), free_port()
     # Ray exports metrics every 10 s by default; a scrape-based check should not wait.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-    os.environ.update(cluster_env())  # the cluster started below inherits it
     ray.init(
         address="local",  # a new cluster, even if another is running here
         num_cpus=num_cpus,
