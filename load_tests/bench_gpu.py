@@ -7,7 +7,9 @@ guidance 0; 768x768; 1280x1280; guidance 5):
   (c) the full service through HTTP (Ray Serve, single-GPU layout), PNG out,
 each with end-to-end p50/p90 over --runs runs after a warm-up, per-stage times, median
 step time, peak VRAM and MFU; for (c) also images/s at 1, 4 and 16 concurrent clients.
-Writes <out>/<gpu>-<date>.json and .md, and prints the ratios (b)/(a) and (c)/(a).
+Then (the `sweep` phase) our engine over steps 10/25/50 x guidance 0/5 x 768/1024/1280:
+latency and peak VRAM, with a plot. Writes <out>/<gpu>-<date>.json and .md, and prints
+the ratios (b)/(a) and (c)/(a).
 
     python -m load_tests.bench_gpu --out load_tests/results              # on a GPU
     python -m load_tests.bench_gpu --tiny --runs 1 --out /tmp/bench       # anywhere (smoke)
@@ -907,7 +909,12 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/zimage-full-random"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="configuration names (default: all)")
-    parser.add_argument("--phases", nargs="+", default=["stock", "engine", "service"])
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=["stock", "engine", "service", "sweep"],
+        help="of: levers stock engine service sweep",
+    )
     parser.add_argument(
         "--service-parts",
         nargs="+",
