@@ -3,9 +3,11 @@
 - PNG + base64 of a 1024x1024 and a 768x768 noise image (what random weights draw) for
   several strip sizes and thread counts of serve_app/imaging.py;
 - Ray Serve alone (no model): a 1-byte and a 3.6 MB answer through the HTTP proxy, and
-  a handle call answering 3 MB of pixels, unary and after 10 streamed progress events,
-  with throughput mode set for the replicas only (as deploy/serve_config.yaml's
-  runtime_env does) or for the whole cluster (proxy included).
+  a handle call answering 3 MB of pixels, unary and after 10 streamed progress events;
+  without throughput mode, with it for the replicas only, and with it for the whole
+  cluster (proxy included). Which transport the handles used is recorded: handles made
+  by this driver, outside throughput mode, go by reference (Ray's object store) even
+  where the replicas run in throughput mode; gRPC only in the whole-cluster case.
 
     python -m load_tests.probe_served --out DIR      (writes DIR/probe-served.json)
 """
