@@ -37,7 +37,7 @@ T2I_URL ?= http://127.0.0.1:8000
 report: install
 	$(BIN)/python -m serve_app.report --url $(T2I_URL) $(REPORT_ARGS)
 
-# On a GPU machine: stock diffusers vs our engine vs the service, then the steps x guidance x
+# On a GPU machine: stock diffusers vs our engine vs the service, and the steps x guidance x
 # size sweep of our engine, in one run; results to load_tests/results.
 bench: install
 	$(BIN)/python -m load_tests.bench_gpu $(BENCH_ARGS)

@@ -7,8 +7,9 @@ guidance 0; 768x768; 1280x1280; guidance 5):
   (c) the full service through HTTP (Ray Serve, single-GPU layout), PNG out,
 each with end-to-end p50/p90 over --runs runs after a warm-up, per-stage times, median
 step time, peak VRAM and MFU; for (c) also images/s at 1, 4 and 16 concurrent clients.
-Then (the `sweep` phase) our engine over steps 10/25/50 x guidance 0/5 x 768/1024/1280:
-latency and peak VRAM, with a plot. Writes <out>/<gpu>-<date>.json and .md, and prints
+And (the `sweep` phase, on the engine phase's engine when it runs right after it) our
+engine over steps 10/25/50 x guidance 0/5 x 768/1024/1280: latency and peak VRAM, with a
+plot. Writes <out>/<gpu>-<date>.json and .md, and prints
 the ratios (b)/(a) and (c)/(a).
 
     python -m load_tests.bench_gpu --out load_tests/results              # on a GPU
@@ -299,9 +300,6 @@ class Bench:
     def service(self, path: Path) -> None:
         """Start the app (single-GPU layout) once and run --service-parts against it."""
         from load_tests.local_service import local_service
-
-        self.loaded = None  # the service has the device to itself
-        self.free()
 
         sizes = sorted({f"{c['width']}x{c['height']}" for c in self.configs})
         model_args = {
@@ -794,6 +792,9 @@ class Bench:
         path = self.checkpoint()
         self.log("checkpoint", path)
         for phase in self.args.phases:
+            if phase != "sweep" and self.loaded is not None:  # no resident engine but there
+                self.loaded = None
+                self.free()
             getattr(self, phase)(path)
             self.save()  # what a later phase's crash would lose
         self.result["ratios"] = ratios(self.result)

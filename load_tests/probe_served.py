@@ -5,9 +5,9 @@
 - Ray Serve alone (no model): a 1-byte and a 3.6 MB answer through the HTTP proxy, and
   a handle call answering 3 MB of pixels, unary and after 10 streamed progress events;
   without throughput mode, with it for the replicas only, and with it for the whole
-  cluster (proxy included). Which transport the handles used is recorded: handles made
-  by this driver, outside throughput mode, go by reference (Ray's object store) even
-  where the replicas run in throughput mode; gRPC only in the whole-cluster case.
+  cluster (proxy included), where the handle calls are timed by reference (Ray's object
+  store) too. Each call records the transport it used (`by_reference`): handles made by
+  a driver outside throughput mode go by reference even to replicas in throughput mode.
 
     python -m load_tests.probe_served --out DIR      (writes DIR/probe-served.json)
 """
@@ -119,36 +119,41 @@ def serve_child(mode: str) -> dict:
         async def big(self):
             return Response(self.body)
 
-        @app.get("/grpc")
-        async def grpc(self):
-            from ray.serve._private import constants
-
-            return constants.RAY_SERVE_USE_GRPC_BY_DEFAULT
-
         @app.get("/hop/{kind}")
-        async def hop(self, kind: str):
-            times = []
+        async def hop(self, kind: str, by_reference: bool | None = None):
+            model = (
+                self.model
+                if by_reference is None
+                else self.model.options(_by_reference=by_reference)
+            )
+            times, by_ref = [], None
             for i in range(33):
                 start = time.perf_counter()
                 if kind == "stream":
-                    async for _ in self.model.options(stream=True).pixels_stream.remote():
+                    call = model.options(stream=True).pixels_stream.remote()
+                    async for _ in call:
                         pass
                 else:
-                    await getattr(self.model, kind).remote()
+                    call = getattr(model, kind).remote()
+                    await call
+                by_ref = call.by_reference  # the transport this call used
                 if i >= 3:
                     times.append(time.perf_counter() - start)
-            return round(statistics.median(times) * 1000, 3)
+            return {"ms": round(statistics.median(times) * 1000, 3), "by_reference": by_ref}
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.run(Edge.bind(Model.bind()))
     result = {}
     with httpx.Client(base_url="http://127.0.0.1:8000", timeout=60) as http:
-        result["replica handles use gRPC"] = http.get("/grpc").json()
         for path in ("/small", "/big"):
             get = lambda p=path: http.get(p).content  # noqa: E731
             result[f"proxy {path}"] = median_ms(get, runs=50, warmup=5)
         for kind in ("small", "pixels_unary", "stream"):
             result[f"handle {kind}"] = http.get(f"/hop/{kind}").json()
+            if mode == "cluster":  # the same calls by reference, as the service now does
+                result[f"handle {kind}, by reference"] = http.get(
+                    f"/hop/{kind}", params={"by_reference": "true"}
+                ).json()
     serve.shutdown()
     ray.shutdown()
     return result
@@ -166,7 +171,7 @@ def main() -> None:
     print(json.dumps(result["png"], indent=1), flush=True)
     for mode in ("none", "replicas", "cluster"):
         done = subprocess.run(
-            [sys.executable, "-m", "load_tests.probe_served", "--out", "-", "--child", mode],
+            [sys.executable, "-m", "load_tests.probe_served", "--out", ".", "--child", mode],
             capture_output=True,
             text=True,
         )

@@ -79,6 +79,11 @@ class DeviceWorker:
         return fut.exception()
 
 
+def _log_failure(fut: concurrent.futures.Future) -> None:
+    if fut.exception() is not None:
+        logger.error("recording metrics failed", exc_info=fut.exception())
+
+
 def _gpu_ids() -> list[str]:
     return [str(i) for i in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
 
@@ -111,7 +116,6 @@ class _Replica:
         self.family = engine.family
         self.worker = DeviceWorker()
         self.metrics = Metrics()
-        self.accounting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
         self.cancellations: OrderedDict[str, dict] = OrderedDict()
         self.weights_bytes = _module_bytes(*weights)
         threading.Thread(target=self._refresh_gauges, daemon=True).start()
@@ -215,6 +219,8 @@ class Denoiser(_Replica):
         )
         self._start(engine, [engine.transformer, engine.vae])
         self.metrics.start_at_zero(self.family, self.metrics.cancelled_steps, self.metrics.oom)
+        # Metrics of a finished request are recorded here, after its answer has gone.
+        self.accounting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
         loaded = time.monotonic()
         smallest = engine.side_multiple * 16
         self.warmup_s = engine.warmup(settings.parsed_warmup_sizes() or [(smallest, smallest)])
@@ -301,7 +307,7 @@ class Denoiser(_Replica):
                 sent_at=time.time(),
             )
         finally:  # on another thread: the caller waits for this stream's end
-            self.accounting.submit(account)
+            self.accounting.submit(account).add_done_callback(_log_failure)
 
     def _account_cancel(self, request_id, params, ended, token, step_seconds) -> None:
         total = params.num_inference_steps

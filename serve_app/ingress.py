@@ -467,24 +467,31 @@ class Ingress:
                 elif isinstance(event, Generated):
                     result, received_at = event, time.time()
                     # Encoded while the stream closes behind its last message (1-2 ms
-                    # on the dev machine).
+                    # on the dev machine). The encode_image stage runs from here until
+                    # the images are encoded and the stream has closed.
                     state.stage, started = "encode_image", time.monotonic()
                     encoding = asyncio.ensure_future(asyncio.to_thread(encode_all, event.images))
         except asyncio.CancelledError:
             stream.cancel()
             if encoding is not None:
-                encoding.cancel()
+                encoding.cancel()  # its thread finishes the image it is on, unread
             raise
+        except Exception:
+            if encoding is None:
+                raise
+            # The images are here: only the stream's close failed. Answer with them.
+            logger.warning("request %s: the denoiser's stream failed after its images",
+                           request_id, exc_info=True)  # fmt: skip
         if encoding is None:
             raise RuntimeError("the denoiser's stream ended without its images")
         images = await encoding
-        # Time between replicas, outside every stage: the encoder's call beyond its own
-        # encoding, and the images' trip from the denoiser (wall clocks of one host, or of
-        # hosts as close as their clocks agree).
-        transfers = {
-            "encode_transfer": encode_call_s * 1000 - prompt.timings_ms["encode"],
-            "result_transfer": (received_at - result.sent_at) * 1000,
-        }
+        # Outside every stage: the encoder's call beyond its encode stage (the trips there
+        # and back, its queue, the embeddings' copy to the host), and the images' trip
+        # from the denoiser (wall clocks of one host, or of hosts as close as their
+        # clocks agree).
+        transfers = {"encode_transfer": encode_call_s * 1000 - prompt.timings_ms["encode"]}
+        if result.sent_at:
+            transfers["result_transfer"] = (received_at - result.sent_at) * 1000
         summary = {
             "timings_ms": {
                 **prompt.timings_ms,

@@ -78,7 +78,8 @@ class Generated:
         timings_ms: per stage ("queue", "denoise", "decode").
         vram: peak device bytes per stage ("denoise", "decode").
         step_ms: median denoising step time.
-        sent_at: time.time() when the denoiser sent this message (for the transfer time).
+        sent_at: time.time() when the denoiser sent this message (for the transfer
+            time); 0 from a denoiser that does not say.
     """
 
     images: list[np.ndarray]

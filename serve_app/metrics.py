@@ -120,7 +120,8 @@ class Metrics:
         self.queue_depth.set(queue_depth)
         for kind, value in vram.items():
             self.vram.set(value, tags={"kind": kind})
-        for (family, stage), value in self._last_peaks.items():
+        # A copy (one step under the GIL): `stage` adds keys from other threads.
+        for (family, stage), value in list(self._last_peaks.items()):
             self.stage_vram_peak_last.set(value, tags={"family": family, "stage": stage})
 
     def steps(self, family: str, seconds: list[float], width: int, height: int) -> None:

@@ -55,8 +55,9 @@ def test_openai_client_gets_a_png_of_the_requested_size(service):
 
 
 def test_images_larger_than_a_grpc_message_cross_between_replicas(service):
-    """Replicas talk gRPC (deploy/serve_config.yaml); 1536x1536 pixels are 7 MB, past
-    gRPC's default 4 MB message limit, which failed 1280x1280 on an H200 run."""
+    """1536x1536 pixels are 7 MB, past gRPC's default 4 MB message limit, which failed
+    1280x1280 on an H200 run when the pixels went over gRPC (they now go through Ray's
+    object store; the other calls between replicas are gRPC)."""
     body = {"prompt": "wide", "size": "1536x1536", "num_inference_steps": 1}
     with service.client() as http:
         r = http.post("/generate", json=body)
