@@ -474,8 +474,7 @@ class ZImageDenoiser:
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )
-        if compile:
-            configure_dynamo()
+        if compile:  # prepare_transformer has configured Dynamo
             vae.decoder.compile(dynamic=True)
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         return cls(transformer, vae, scheduler_config, device)
