@@ -192,6 +192,13 @@ def test_embeddings_cross_processes_as_numpy_bit_exactly(dtype):
     assert torch.equal(back.negative, emb.negative)
 
 
+def test_images_come_out_contiguous(encoder, denoiser):
+    """Row-major HxWx3: the PNG encoder took 2.3x as long on the VAE's planar layout."""
+    p = GenerationParams(P.prompt, None, 256, 256, 1, 0.0, 1)
+    [pixels] = denoiser.generate(p, encoder.encode(p.prompt, None, False))
+    assert pixels.shape == (256, 256, 3) and pixels.flags.c_contiguous
+
+
 @pytest.mark.parametrize("when_queued", [False, True])
 def test_progress_reports_every_step_then_decode_in_order(encoder, denoiser, when_queued):
     """At once (CPU): each report right after its step. When queued (GPU): a step's
