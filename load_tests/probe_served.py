@@ -1,7 +1,8 @@
 """What the served path costs apart from the model, piece by piece, on this host:
 
-- PNG + base64 of a 1024x1024 and a 768x768 noise image (what random weights draw) for
-  several strip sizes and thread counts of serve_app/imaging.py;
+- PNG + base64 of a 1024x1024 and a 768x768 image of gradients under noise (it deflates
+  about as the random-weight VAE's output does) for several strip sizes and thread
+  counts of serve_app/imaging.py (`--no-png` skips these);
 - Ray Serve alone (no model): a 1-byte and a 3.6 MB answer through the HTTP proxy, and
   a handle call answering 3 MB of pixels, unary and after 10 streamed progress events;
   without throughput mode, with it for the replicas only, and with it for the whole
@@ -41,8 +42,6 @@ def median_ms(fn, runs: int = 30, warmup: int = 3) -> float:
 
 
 def png_sweep() -> dict:
-    if os.environ.get("PROBE_SKIP_PNG"):
-        return {}
     from concurrent.futures import ThreadPoolExecutor
 
     import pybase64
@@ -162,12 +161,13 @@ def serve_child(mode: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-png", action="store_true", help="Ray Serve's hops only")
     parser.add_argument("--child", choices=["none", "replicas", "cluster"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(serve_child(args.child)))
         return
-    result = {"cpus": os.cpu_count(), "png": png_sweep()}
+    result = {"cpus": os.cpu_count(), "png": {} if args.no_png else png_sweep()}
     print(json.dumps(result["png"], indent=1), flush=True)
     for mode in ("none", "replicas", "cluster"):
         done = subprocess.run(
