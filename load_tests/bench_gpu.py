@@ -9,7 +9,8 @@ each with end-to-end p50/p90 over --runs runs after a warm-up, per-stage times, 
 step time, peak VRAM and MFU; for (c) also images/s at 1, 4 and 16 concurrent clients.
 And (the `sweep` phase, on the engine phase's engine when it runs right after it) our
 engine over steps 10/25/50 x guidance 0/5 x 768/1024/1280: latency and peak VRAM, with a
-plot. Writes <out>/<gpu>-<date>.json and .md, and prints
+plot. Then SDXL and the adapters' costs of both families (load_tests/bench_families.py:
+the `sdxl` and `lora` phases). Writes <out>/<gpu>-<date>.json and .md, and prints
 the ratios (b)/(a) and (c)/(a).
 
     python -m load_tests.bench_gpu --out load_tests/results              # on a GPU
@@ -50,7 +51,6 @@ from load_tests.measure import (
     timed_method,
     transformer_flops,
 )
-from serve_app.config import ModelSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = (
@@ -65,6 +65,9 @@ CONFIGS = [
     {"name": "1024-guidance5", "width": 1024, "height": 1024, "steps": 9, "guidance": 5.0},
 ]
 CONCURRENCY = (1, 4, 16)
+# Phases on the Z-Image checkpoint; `sdxl` and `lora` (load_tests/bench_families.py)
+# bring their own models.
+ZIMAGE_PHASES = ("levers", "stock", "engine", "sweep", "service")
 
 
 class Bench:
@@ -109,7 +112,7 @@ class Bench:
 
     def checkpoint(self) -> Path:
         from serve_app.engine.checkpoint import cache_dir
-        from serve_app.engine.tiny import ensure_tiny
+        from serve_app.engine.zimage.tiny import ensure_tiny
 
         if self.args.tiny:
             return ensure_tiny(cache_dir())
@@ -149,7 +152,7 @@ class Bench:
     def stock(self, path: Path) -> None:
         from diffusers import ZImagePipeline
 
-        from serve_app.engine.zimage import chat_token_ids
+        from serve_app.engine.zimage.encoder import chat_token_ids
 
         pipe = ZImagePipeline.from_pretrained(path, torch_dtype=self.dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
@@ -216,7 +219,12 @@ class Bench:
         device = str(self.device)
         encoder = load_encoder(str(path), device)
         denoiser = load_denoiser(
-            str(path), device, "auto", self.args.attention, self.args.compile, self.args.fuse
+            str(path),
+            device,
+            "auto",
+            self.args.attention,
+            self.args.compile,
+            {"fuse_projections": self.args.fuse},
         )
         return encoder, denoiser
 
@@ -248,7 +256,7 @@ class Bench:
             encoder.cuda_graphs = True
             self.result["engine_setup"]["encoder_graph_rel_err"] = max(
                 float((g.float() - e.float()).norm() / e.float().norm())
-                for g, e in ((graphed.prompt, eager.prompt), (graphed.negative, eager.negative))
+                for g, e in ((graphed[k], eager[k]) for k in ("prompt", "negative"))
             )
         out = {}
         for config in self.configs:
@@ -270,9 +278,7 @@ class Bench:
                 recorder = StageRecorder(self.device)
                 with self.timer(e2e):
                     with recorder.stage("encode"):
-                        emb = encoder.encode(
-                            params.prompt, params.negative_prompt, params.uses_guidance
-                        )
+                        emb = encoder.encode_params(params)
                     pixels = denoiser.generate(params, emb, recorder=recorder)[0]
                 with self.timer(png):
                     encode_image(pixels, "png", None)
@@ -304,16 +310,17 @@ class Bench:
         from load_tests.local_service import local_service
 
         sizes = sorted({f"{c['width']}x{c['height']}" for c in self.configs})
-        model_args = {
+        model = {
+            "id": "zimage",
             "model": str(path),
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
-            "fuse_projections": self.args.fuse,
+            "options": {"fuse_projections": self.args.fuse},
             "warmup_sizes": sizes,
         }
         with (
             tempfile.TemporaryDirectory() as tmp,
-            local_service(Path(tmp), model_args, num_gpus=1, ready_timeout_s=900) as svc,
+            local_service(Path(tmp), [model], num_gpus=1, ready_timeout_s=900) as svc,
         ):
             self.result["service_setup"] = {
                 "ready_s": round(svc.ready_s, 1),
@@ -613,7 +620,7 @@ class Bench:
         from serve_app.engine import load_encoder
 
         encoder = load_encoder(str(path), str(self.device))
-        real = encoder.encode(PROMPT, None, False).prompt.to(self.device)
+        real = encoder.encode(PROMPT, None, False)["prompt"].to(self.device)
         encoder = None
         self.free()
         return real
@@ -627,7 +634,7 @@ class Bench:
             return encoder._forward(encoder._padded([ids], 512), mask)[0, : len(ids)]
 
         fp32 = ZImageEncoder.from_pretrained(path, self.device, torch.float32)
-        reference = fp32.encode(PROMPT, None, False).prompt.float()
+        reference = fp32.encode(PROMPT, None, False)["prompt"].float()
         out["prompt_tokens"] = len(fp32.token_ids(PROMPT))
         fp32 = None
         self.free()
@@ -636,7 +643,7 @@ class Bench:
             kind = "compiled" if compiled else "eager"
             with torch.no_grad():
                 self.compare(
-                    lambda e=encoder: e.encode(PROMPT, None, False).prompt,
+                    lambda e=encoder: e.encode(PROMPT, None, False)["prompt"],
                     reference,
                     out,
                     f"encode_real_length_{kind}",
@@ -645,7 +652,7 @@ class Bench:
                     self.compare(
                         lambda e=encoder: padded(e).cpu(), reference, out, "encode_padded_512_eager"
                     )
-            real = encoder.encode(PROMPT, None, False).prompt.to(self.device)
+            real = encoder.encode(PROMPT, None, False)["prompt"].to(self.device)
             encoder = None
             torch._dynamo.reset()
             self.free()
@@ -654,7 +661,8 @@ class Bench:
     def step_levers(self, path: Path, out: dict, real: torch.Tensor, h: int, w: int) -> None:
         from diffusers.models.transformers import ZImageTransformer2DModel
 
-        from serve_app.engine.zimage import prepare_transformer
+        from serve_app.engine.compiling import configure_dynamo
+        from serve_app.engine.zimage.transformer import prepare_transformer
 
         latents = torch.randn(1, 16, 1, h, w, device=self.device)
         t = torch.tensor([0.5], device=self.device)
@@ -677,9 +685,9 @@ class Bench:
         for which, compiled in variants:
             model = load(self.dtype)
             if which != "stock":
-                fuse = which == "ours_fused"
-                prepare_transformer(model, self.args.attention, compiled, fuse)
-            elif compiled:
+                prepare_transformer(model, self.args.attention, which == "ours_fused")
+            if compiled:
+                configure_dynamo()
                 model.compile_repeated_blocks(fullgraph=True, dynamic=True)
             key = f"step_{which}_{'compiled' if compiled else 'eager'}"
             self.compare(lambda m=model: step(m, self.dtype), reference, out, key)
@@ -694,7 +702,7 @@ class Bench:
     def vae_levers(self, path: Path, out: dict, h: int, w: int) -> None:
         from diffusers import AutoencoderKL
 
-        from serve_app.engine.zimage import to_pixels
+        from serve_app.engine.loop import to_pixels
 
         z = torch.randn(1, 16, h, w, device=self.device)
 
@@ -776,14 +784,26 @@ class Bench:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
+    def sdxl(self, path: Path | None) -> None:
+        from load_tests.bench_families import Families
+
+        Families(self).sdxl()
+
+    def lora(self, path: Path | None) -> None:
+        from load_tests.bench_families import Families
+
+        Families(self).lora()
+
     def run(self) -> None:
         self.env()
-        path = self.checkpoint()
-        self.log("checkpoint", path)
+        path = None  # the Z-Image checkpoint, written when a phase needs it
         for phase in self.args.phases:
             if phase != "sweep" and self.loaded is not None:  # no resident engine but there
                 self.loaded = None
                 self.free()
+            if path is None and phase in ZIMAGE_PHASES:
+                path = self.checkpoint()
+                self.log("checkpoint", path)
             getattr(self, phase)(path)
             self.save()  # what a later phase's crash would lose
         self.result["ratios"] = ratios(self.result)
@@ -891,6 +911,9 @@ def markdown(result: dict) -> str:
                 f"| {r['size']} | {r['guidance']} | {r['steps']} | {r['latency_ms']} "
                 f"| {gib(r['peak_vram_bytes'])} |"
             )
+    from load_tests.bench_families import markdown as families_markdown
+
+    lines += families_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -908,8 +931,15 @@ def main() -> None:
     parser.add_argument(
         "--phases",
         nargs="+",
-        default=["stock", "engine", "sweep", "service"],
-        help="of: levers stock engine service sweep",
+        default=["stock", "engine", "sweep", "service", "sdxl", "lora"],
+        help="of: levers stock engine service sweep (Z-Image), sdxl, lora (bench_families)",
+    )
+    parser.add_argument("--sdxl-checkpoint", type=Path, default=Path("/tmp/sdxl-full-random"))
+    parser.add_argument(
+        "--sdxl-parts",
+        nargs="+",
+        default=["stock", "engine", "service"],
+        help="of the sdxl phase: stock engine (with the adapter costs and sweep) service",
     )
     parser.add_argument(
         "--service-parts",
@@ -923,8 +953,8 @@ def main() -> None:
     parser.add_argument(
         "--fuse",
         action=argparse.BooleanOptionalAction,
-        default=ModelSettings().fuse_projections,
-        help="fused q/k/v and w1/w3 projections (default: the service's default)",
+        default=False,
+        help="fused q/k/v and w1/w3 projections (default: off, as the service's default)",
     )
     parser.add_argument(
         "--levers",

@@ -1,4 +1,4 @@
-"""Random-weight Z-Image checkpoints at the real sizes, for speed and memory work.
+"""Random-weight Z-Image and SDXL checkpoints at the real sizes, for speed and memory work.
 
 Speed and memory depend on the architecture, not on the weights' values, so a folder
 with the real configs (DESIGN.md) and random weights, saved in diffusers format, is
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from serve_app.engine.tiny import assemble, build_tokenizer, save_once, vae_config
+from serve_app.engine.checkpoint import save_once
+from serve_app.engine.zimage.tiny import assemble, build_tokenizer, vae_config
 
 # Z-Image-Turbo's transformer, Qwen3-4B, and the 16-channel (Flux-style) VAE.
 FULL = {
@@ -55,7 +56,7 @@ def _fill(module: torch.nn.Module) -> torch.nn.Module:
 
 def save_full_zimage(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> Path:
     """Write a full-size random-weight Z-Image checkpoint to `path` (about 20 GB)."""
-    path = save_once(path, lambda: build_full_zimage(device, dtype))
+    path = save_once(path, lambda folder: build_full_zimage(device, dtype).save_pretrained(folder))
     torch.cuda.empty_cache()
     return path
 
@@ -84,6 +85,86 @@ def build_full_zimage(device: str, dtype: torch.dtype):
         _fill(module.to_empty(device=device)) for module in (transformer, text_encoder, vae)
     )
     return assemble(tokenizer, text_encoder, transformer, vae)
+
+
+# SDXL base 1.0: UNet (2.57B), CLIP-L, OpenCLIP-bigG with projection, 4-channel VAE.
+SDXL = {
+    "unet": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    "text_encoder": dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+    ),
+    "text_encoder_2": dict(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1280,
+    ),
+}
+
+
+def save_full_sdxl(path: Path, device: str = "cuda", dtype=torch.bfloat16) -> Path:
+    """Write a full-size random-weight SDXL checkpoint to `path` (about 7 GB), with the
+    EulerAncestral scheduler and our small CLIP tokenizers (ids below 49408)."""
+    path = save_once(path, lambda folder: build_full_sdxl(device, dtype).save_pretrained(folder))
+    torch.cuda.empty_cache()
+    return path
+
+
+def build_full_sdxl(device: str, dtype: torch.dtype):
+    """The full-size SDXL pipeline with random weights, built on `device`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from serve_app.engine.sdxl import tiny
+
+    tokenizer, tokenizer_2 = tiny.build_tokenizer(), tiny.build_tokenizer(pad_token="!")
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**SDXL["unet"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL["text_encoder"], **ids))
+            text_encoder_2 = CLIPTextModelWithProjection(
+                CLIPTextConfig(**SDXL["text_encoder_2"], **ids)
+            )
+            vae = AutoencoderKL(**tiny.vae_config([128, 256, 512, 512], 2, 32))
+    finally:
+        torch.set_default_dtype(default)
+    unet, text_encoder, text_encoder_2, vae = (
+        _fill(m.to_empty(device=device)) for m in (unet, text_encoder, text_encoder_2, vae)
+    )
+    return tiny.assemble((tokenizer, tokenizer_2), (text_encoder, text_encoder_2), unet, vae)
 
 
 def main() -> None:

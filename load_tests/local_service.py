@@ -36,21 +36,54 @@ class LocalService:
     config: dict
     ready_s: float
 
-    def handle(self, deployment: str):
+    def handle(self, deployment: str, model: str = "zimage"):
+        """A handle to a deployment; PromptEncoder and Denoiser: those of `model`."""
         from ray import serve
 
+        if deployment in ("PromptEncoder", "Denoiser"):
+            deployment = f"{deployment}-{model}"
         return serve.get_deployment_handle(deployment, app_name=APP)
 
     def client(self, timeout: float = 120, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
 
 
-def make_config(model_args: dict, ingress_max_replicas: int | None, port: int) -> dict:
-    """deploy/serve_config.yaml with the given model args and a local HTTP port."""
+def make_config(
+    models: list[dict] | None,
+    ingress_max_replicas: int | None,
+    port: int,
+    deployments: dict[str, dict] | None = None,
+) -> dict:
+    """deploy/serve_config.yaml with a local HTTP port and overrides.
+
+    Args:
+        models: settings to change, one dict per model to serve, each with the `id` of a
+            model in the file; models not listed are dropped with their deployments.
+            None: every model as the file has it.
+        ingress_max_replicas: caps the Ingress's autoscaling.
+        port: the HTTP port.
+        deployments: deployment name -> options to change (e.g. num_replicas).
+    """
     config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
     config["http_options"]["host"] = "127.0.0.1"
     config["http_options"]["port"] = port
-    config["applications"][0]["args"]["model"].update(model_args)
+    application = config["applications"][0]
+    if models is not None:
+        by_id = {m["id"]: m for m in application["args"]["models"]}
+        unknown = [m["id"] for m in models if m["id"] not in by_id]
+        if unknown:
+            raise KeyError(f"models {unknown} are not in {CONFIG}; it has {list(by_id)}")
+        application["args"]["models"] = [{**by_id[m["id"]], **m} for m in models]
+        dropped = {
+            name
+            for model_id in set(by_id) - {m["id"] for m in models}
+            for name in (f"PromptEncoder-{model_id}", f"Denoiser-{model_id}")
+        }
+        application["deployments"] = [
+            d for d in application["deployments"] if d["name"] not in dropped
+        ]
+    for name, options in (deployments or {}).items():
+        deployment_config(config, name).update(options)
     if ingress_max_replicas is not None:
         autoscaling = deployment_config(config, "Ingress")["autoscaling_config"]
         autoscaling["max_replicas"] = ingress_max_replicas
@@ -61,14 +94,16 @@ def make_config(model_args: dict, ingress_max_replicas: int | None, port: int) -
 @contextmanager
 def local_service(
     workdir: Path,
-    model_args: dict,
+    models: list[dict] | None,
     num_gpus: int,
     num_cpus: int | None = None,
     ingress_max_replicas: int | None = None,
     ready_timeout_s: float = 300,
+    deployments: dict[str, dict] | None = None,
 ):
     """A Ray cluster of this process with `num_gpus` GPUs (logical ones where there are
-    none) and the app deployed by the `serve run` CLI; torn down on exit."""
+    none) and the app deployed by the `serve run` CLI; torn down on exit. `models` and
+    `deployments`: see make_config."""
     import ray
     from ray import serve
 
@@ -83,7 +118,7 @@ def local_service(
         _metrics_export_port=metrics_port,
         log_to_driver=False,
     )
-    config = make_config(model_args, ingress_max_replicas, http_port)
+    config = make_config(models, ingress_max_replicas, http_port, deployments)
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     # The `serve` CLI through this interpreter: a console script's shebang may name
@@ -102,7 +137,8 @@ def local_service(
         deadline = time.monotonic() + ready_timeout_s
         while True:
             try:
-                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                ready = httpx.get(f"{url}/readyz", timeout=10)
+                if ready.status_code == 200 and ready.json()["status"] == "ready":
                     break
             except httpx.HTTPError:
                 pass

@@ -197,3 +197,47 @@ def peak_bytes(device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     return 0
+
+
+class CardMemory:
+    """The whole card's used memory, every process and CUDA context included, as
+    nvidia-smi reports it, sampled on a thread while the block runs: the peak and the
+    last reading (MiB). Zeros where there is no nvidia-smi (a CPU run)."""
+
+    def __init__(self, device: torch.device, every_s: float = 0.2):
+        self.device, self.every_s = device, every_s
+        self.peak_mib = self.last_mib = 0
+        self._stop = None
+
+    def read(self) -> int:
+        if self.device.type != "cuda":
+            return 0
+        index = self.device.index or 0
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                 "-i", str(index)],
+                capture_output=True, text=True, check=True, timeout=10,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return int(out.strip().splitlines()[0])
+
+    def __enter__(self) -> "CardMemory":
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.last_mib = self.read()
+                self.peak_mib = max(self.peak_mib, self.last_mib)
+                self._stop.wait(self.every_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,7 +1,10 @@
 """The application builder named by deploy/serve_config.yaml (`import_path`).
 
-client -> Ingress (CPU) -> PromptEncoder (fraction of a GPU) -> Denoiser (GPU)
+client -> Ingress (CPU) -> PromptEncoder-<model> (fraction of a GPU) -> Denoiser-<model> (GPU)
              \\-> InFlight (which requests run where, for cancel by id)
+
+Each served model gets its own PromptEncoder and Denoiser deployments, named after its
+id, so that each has its own replicas, GPUs and queue, set in the config's `deployments`.
 """
 
 from ray.serve import Application
@@ -15,9 +18,9 @@ from serve_app.ingress import Ingress
 def build_app(args: dict) -> Application:
     """Build the app from the config's `args` (see serve_app.config.AppConfig)."""
     config = AppConfig.model_validate(args)
-    return Ingress.bind(
-        config,
-        PromptEncoder.bind(config.model),
-        Denoiser.bind(config.model),
-        InFlight.bind(),
-    )
+    encoders, denoisers = {}, {}
+    for model in config.models:
+        encoder_name, denoiser_name = model.deployment_names()
+        encoders[model.id] = PromptEncoder.options(name=encoder_name).bind(model)
+        denoisers[model.id] = Denoiser.options(name=denoiser_name).bind(model)
+    return Ingress.bind(config, encoders, denoisers, InFlight.bind())

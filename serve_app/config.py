@@ -2,45 +2,96 @@
 
 Unknown keys are errors, so a misspelt setting fails the deploy instead of being ignored.
 Replica counts, GPUs and autoscaling are not here: they are Serve's own `deployments`
-options in the same file.
+options in the same file, under each model's deployment names (`deployment_names`).
 """
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.schema import split_size
+from serve_app.schema import MAX_LORAS, MAX_STEPS, LoraRef, split_size
+
+MODEL_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
-class ModelSettings(BaseModel):
-    """What the model replicas load and how.
+class Preset(BaseModel):
+    """Named request settings a model offers; a request's own fields override them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(ge=16)
+    height: int = Field(ge=16)
+    num_inference_steps: int = Field(ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(ge=0.0, le=20.0)
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+
+
+class LoraSettings(BaseModel):
+    """How a model's Denoiser replicas serve adapters.
 
     Args:
-        model: "tiny" (embedded, generated on first use, draws noise) or the path of a
-            local diffusers-format folder, e.g. a download of Tongyi-MAI/Z-Image-Turbo.
-        device: "auto" (CUDA if present, else CPU), "cuda", "cuda:1" or "cpu".
-        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
-        attention_backend: diffusers attention backend of the transformer: "native"
-            (PyTorch SDPA), "flash", "_native_cudnn", "xformers", ...
-        compile: torch.compile the transformer's repeated blocks and the VAE decoder.
-            "auto" (default): on CUDA only. Compiled once, with dynamic shapes, during
-            the denoiser's warm-up; the README's performance section has what it buys.
-        fuse_projections: one GEMM for each attention's q, k, v projections and one
-            for each feed-forward's w1, w3; same math, same weight memory.
-        warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
-            without guidance, so that no request pays compilation or first-call costs;
-            the replica reports ready only after them. Empty: the smallest size only.
+        slots: adapters one request may combine (1-3). Each adds a rank-`max_rank`
+            product to every adapted layer of a step that uses adapters.
+        max_rank: the largest adapter rank accepted; smaller ones are zero-padded.
+        cache_size: adapters each Denoiser replica keeps resident (least recently used
+            evicted first; never one a running or queued request uses). Also the
+            replicas' multiplexing limit: requests go to a replica holding theirs.
+        cache_bytes: device bytes the resident adapters may take at most.
     """
 
     model_config = ConfigDict(extra="forbid")
 
+    slots: int = Field(1, ge=1, le=MAX_LORAS)
+    max_rank: int = Field(64, ge=1, le=1024)
+    cache_size: int = Field(8, ge=1)
+    cache_bytes: int = Field(4 * 2**30, ge=0)
+
+
+class ModelSettings(BaseModel):
+    """One served model: what its replicas load and how.
+
+    Args:
+        id: the `model` a request names and GET /v1/models lists.
+        model: "tiny" (embedded Z-Image) or "tiny-sdxl" (embedded SDXL), generated on
+            first use and drawing noise, or the path of a local diffusers-format folder,
+            e.g. a download of Tongyi-MAI/Z-Image-Turbo. Its family (zimage, sdxl) is
+            read from the folder's model_index.json.
+        device: "auto" (CUDA if present, else CPU), "cuda", "cuda:1" or "cpu".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
+        attention_backend: diffusers attention backend of the denoiser: "native"
+            (PyTorch SDPA), "flash", "_native_cudnn", "xformers", ...
+        compile: torch.compile the denoiser's repeated blocks and the VAE decoder.
+            "auto" (default): on CUDA only. Compiled once, with dynamic shapes, during
+            the denoiser's warm-up; the README's performance section has what it buys.
+        warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
+            without guidance (and adapters), so that no request pays compilation or
+            first-call costs; the replica reports ready only after them. Empty, or on a
+            CPU: the smallest size only.
+        presets: named settings (size, steps, guidance, adapters); default: the family's
+            (zimage: turbo; sdxl: niannian). A preset's adapter applies only where a
+            file of that name is in `lora_dir`.
+        default_preset: the preset a request without one gets; default: the first.
+        lora_dir: the folder of this model's adapters (*.safetensors); "auto": the
+            checkpoint's own `loras/` folder, if it has one; null: no adapters.
+        lora: how adapters are served (see LoraSettings).
+        options: the family's own settings, checked by the family when replicas start
+            (zimage: fuse_projections).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=MODEL_ID)
     model: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "native"
     compile: bool | Literal["auto"] = "auto"
-    fuse_projections: bool = False
     warmup_sizes: list[str] = Field(default_factory=list)
+    presets: dict[str, Preset] | None = None
+    default_preset: str | None = None
+    lora_dir: str | None = "auto"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    options: dict = Field(default_factory=dict)
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -50,17 +101,30 @@ class ModelSettings(BaseModel):
                 raise ValueError(f"warmup size {size!r} is not 'WIDTHxHEIGHT'")
         return sizes
 
+    @model_validator(mode="after")
+    def _default_preset_exists(self) -> "ModelSettings":
+        # Against the family's own presets, the replica checks when it starts.
+        if self.presets is not None and self.default_preset not in (None, *self.presets):
+            raise ValueError(
+                f"default_preset {self.default_preset!r} is not among presets: "
+                f"{', '.join(self.presets) or 'none'}"
+            )
+        return self
+
     def parsed_warmup_sizes(self) -> list[tuple[int, int]]:
         return [split_size(size) for size in self.warmup_sizes]
+
+    def deployment_names(self) -> tuple[str, str]:
+        """(PromptEncoder, Denoiser) deployment names of this model in deploy/*.yaml."""
+        return f"PromptEncoder-{self.id}", f"Denoiser-{self.id}"
 
 
 class AppConfig(BaseModel):
     """Settings of the whole application.
 
     Args:
-        model: see ModelSettings.
-        served_model_name: the id in GET /v1/models and the accepted `model` field;
-            defaults to the family name ("zimage").
+        models: the models served, each with its own replicas; the first is the default
+            of a request that names none.
         min_side: smallest accepted image side in pixels.
         max_side: largest accepted image side in pixels.
         max_body_bytes: larger request bodies get 413.
@@ -69,9 +133,17 @@ class AppConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    served_model_name: str | None = None
+    models: list[ModelSettings] = Field(min_length=1)
     min_side: int = Field(256, ge=16)
     max_side: int = Field(2048, le=8192)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     cancel_wait_s: float = Field(30.0, gt=0)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelSettings]) -> list[ModelSettings]:
+        ids = [m.id for m in models]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"model ids must be unique; repeated: {', '.join(repeated)}")
+        return models

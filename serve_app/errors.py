@@ -62,3 +62,71 @@ class DoesNotFit(Exception):
             f"{self.num_images} image(s) of {self.width}x{self.height} ran out of GPU memory "
             f"during {self.stage}; ask for a smaller size or fewer images."
         )
+
+
+class LoraError(ValueError):
+    """A request's adapter cannot be used (HTTP 422: the request is well-formed).
+
+    Subclasses pickle by their own arguments (Ray re-raises them at the caller).
+    """
+
+    param = "lora.name"
+    code = "invalid_lora"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.message = self.describe(*args)
+
+    def describe(self, *args) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadLoraName(LoraError):
+    """An adapter name that is not a plain file name; refused before any file is touched.
+
+    Args:
+        name: the name asked for.
+        reason: what is wrong with it.
+    """
+
+    code = "invalid_lora_name"
+
+    def describe(self, name: str, reason: str) -> str:
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        return (
+            f"LoRA name {shown!r} {reason}; use the name of a file in the model's LoRA "
+            "folder, without '.safetensors'"
+        )
+
+
+class UnknownLora(LoraError):
+    """No adapter of this name in the model's LoRA folder.
+
+    Args:
+        name: the name asked for.
+        available: the names there are.
+    """
+
+    code = "lora_not_found"
+
+    def describe(self, name: str, available: list[str]) -> str:
+        listing = ", ".join(available) if available else "none (this model has no LoRAs)"
+        return f"LoRA '{name}' is not available for this model; available: {listing}"
+
+
+class AdapterError(LoraError):
+    """An adapter file that cannot be applied to the model: corrupt, not a LoRA, or made
+    for another architecture.
+
+    Args:
+        file: the file's name.
+        reason: why.
+    """
+
+    code = "invalid_lora_file"
+
+    def describe(self, file: str, reason: str) -> str:
+        return f"LoRA file '{file}' cannot be used: {reason}"

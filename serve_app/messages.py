@@ -19,6 +19,7 @@ class GenerationParams:
         guidance_scale: classifier-free guidance weight; 0 turns guidance off.
         seed: seed of the initial noise; the same seed gives the same image.
         num_images: images drawn from this prompt in one call.
+        loras: style adapters to apply, each with its scale.
     """
 
     prompt: str
@@ -29,27 +30,36 @@ class GenerationParams:
     guidance_scale: float
     seed: int
     num_images: int = 1
+    loras: tuple["LoraChoice", ...] = ()
 
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 0
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One adapter of a request.
+
+    Args:
+        name: the adapter file's name without ".safetensors", in the model's LoRA folder.
+        scale: how strongly it applies, 0 (not at all) to 2.
+    """
+
+    name: str
+    scale: float
 
 
 @dataclass
 class EncodedPrompt:
-    """The encoder's answer: embeddings as raw bits (bfloat16 has no numpy dtype).
+    """The encoder's answer: named embeddings as raw bits (bfloat16 has no numpy dtype;
+    see serve_app/engine/embeddings.py). Which names, the family decides.
 
     Args:
-        prompt: [tokens, hidden] array holding the bits of a `dtype` tensor.
-        negative: the same for the negative prompt, or None without guidance.
-        dtype: the torch dtype name of the bits, e.g. "bfloat16".
+        tensors: name -> array holding the bits of a tensor.
+        dtypes: name -> the torch dtype name of those bits, e.g. "bfloat16".
         timings_ms: {"encode": ms}.
         vram: {"encode": peak bytes}.
     """
 
-    prompt: np.ndarray
-    negative: np.ndarray | None
-    dtype: str
+    tensors: dict[str, np.ndarray]
+    dtypes: dict[str, str]
     timings_ms: dict[str, float] = field(default_factory=dict)
     vram: dict[str, int] = field(default_factory=dict)
 

@@ -13,12 +13,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve_app.messages import GenerationParams
+from serve_app.errors import BadLoraName
+from serve_app.messages import GenerationParams, LoraChoice
 
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 4
 MAX_STEPS = 100
+MAX_LORAS = 3  # adapters one request may name (a model may allow fewer: its lora_slots)
+MAX_LORA_NAME = 128
 
 
 class InvalidRequest(ValueError):
@@ -39,9 +42,30 @@ class InvalidRequest(ValueError):
 
 
 class LoraRef(BaseModel):
+    """One adapter: a file name of the model's LoRA folder (without ".safetensors")."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str = Field(min_length=1)
-    scale: float = Field(1.0, ge=0.0, le=2.0)
+    name: str = Field(min_length=1, description="An adapter listed under the model's `loras`.")
+    scale: float = Field(1.0, ge=0.0, le=2.0, description="0 leaves the image as without it.")
+
+
+def check_lora_name(name: str) -> None:
+    """Refuse a name that is not a plain file name (BadLoraName, HTTP 422), before any
+    file is looked at: no path separator, no "..", no NUL or other control character,
+    not hidden, at most 128 characters."""
+    reason = None
+    if len(name) > MAX_LORA_NAME:
+        reason = f"is {len(name)} characters long; the limit is {MAX_LORA_NAME}"
+    elif "/" in name or "\\" in name:
+        reason = "holds a path separator"
+    elif ".." in name:
+        reason = "holds '..'"
+    elif not name.isprintable():
+        reason = "holds a control character"
+    elif name.startswith(".") or not name.strip():
+        reason = "is not a visible file name"
+    if reason is not None:
+        raise BadLoraName(name, reason)
 
 
 class ImageRequest(BaseModel):
@@ -63,8 +87,20 @@ class ImageRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    lora: LoraRef | None = None
+    lora: list[LoraRef] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description=(
+            "Style adapters: one {name, scale} object or a list of up to 3; replaces the "
+            "preset's. null or [] for none."
+        ),
+    )
     preset: str | None = None
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, dict) else v
 
     @field_validator("prompt")
     @classmethod
@@ -90,12 +126,15 @@ def parse_request(data: object) -> ImageRequest:
     try:
         return ImageRequest.model_validate(data)
     except ValidationError as exc:
-        raise _from_validation_error(exc) from None
+        raise _from_validation_error(exc, data) from None
 
 
-def _from_validation_error(exc: ValidationError) -> InvalidRequest:
+def _from_validation_error(exc: ValidationError, data: dict) -> InvalidRequest:
     err = exc.errors(include_url=False)[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
+    loc = list(err["loc"])
+    if loc[:2] == ["lora", 0] and isinstance(data.get("lora"), dict):
+        del loc[1]  # the request sent one object, not a list
+    param = ".".join(str(p) for p in loc) or None
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = ", ".join(ImageRequest.model_fields)
@@ -108,6 +147,21 @@ def _from_validation_error(exc: ValidationError) -> InvalidRequest:
     shown = repr(got) if not isinstance(got, dict) else "an object"
     message = err["msg"].removeprefix("Value error, ")
     return InvalidRequest(f"'{param}': {message} (got {shown})", param, "invalid_value")
+
+
+def requested_loras(req: ImageRequest, preset: dict) -> tuple[LoraChoice, ...]:
+    """The request's adapters: its own `lora` field if it has one (null or [] for none),
+    else the preset's. Names are checked before anything else sees them."""
+    if "lora" in req.model_fields_set:
+        choices = [LoraChoice(ref.name, ref.scale) for ref in req.lora or []]
+    else:
+        choices = [LoraChoice(c["name"], c["scale"]) for c in preset.get("loras", [])]
+    for choice in choices:
+        check_lora_name(choice.name)
+    names = [c.name for c in choices]
+    if len(set(names)) < len(names):
+        raise InvalidRequest("a LoRA is named twice; name each once, with its scale", "lora")
+    return tuple(choices)
 
 
 def resolve(
@@ -137,6 +191,7 @@ def resolve(
         ),
         seed=secrets.randbelow(2**53) if req.seed is None else req.seed,
         num_images=req.n,
+        loras=requested_loras(req, preset),
     )
 
 

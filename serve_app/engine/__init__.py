@@ -1,18 +1,25 @@
-"""The engine: plain torch + diffusers, no Ray. One module per model family.
+"""The engine: plain torch + diffusers, no Ray. One package per model family.
 
-encoder = load_encoder("tiny")            # or a local Z-Image-Turbo folder
+encoder = load_encoder("tiny")            # or "tiny-sdxl", or a local diffusers folder
 denoiser = load_denoiser("tiny")
-emb = encoder.encode(prompt, None, with_negative=False)
-[pixels] = denoiser.generate(params, emb)
+embeddings = encoder.encode_params(params)
+[pixels] = denoiser.generate(params, embeddings)
 """
+
+import importlib
+from types import ModuleType
 
 import torch
 
-from serve_app.engine import checkpoint, zimage
-
-FAMILY_MODULES = {"zimage": zimage}
+from serve_app.engine import checkpoint
+from serve_app.engine.denoiser import LoraOptions
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def family_module(family: str) -> ModuleType:
+    """The engine package of `family` ("zimage", "sdxl")."""
+    return importlib.import_module(f"serve_app.engine.{family}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -39,10 +46,10 @@ def pick_compile(compile: bool | str, device: torch.device) -> bool:
 
 
 def load_encoder(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load the prompt encoder of `model` ("tiny" or a local diffusers folder)."""
+    """Load the prompt encoder of `model` ("tiny", "tiny-sdxl" or a local folder)."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
-    return FAMILY_MODULES[family].ZImageEncoder.from_pretrained(path, dev, pick_dtype(dtype, dev))
+    return family_module(family).Encoder.from_pretrained(path, dev, pick_dtype(dtype, dev))
 
 
 def load_denoiser(
@@ -51,16 +58,25 @@ def load_denoiser(
     dtype: str = "auto",
     attention_backend: str = "native",
     compile: bool | str = False,
-    fuse_projections: bool = False,
+    options: dict | None = None,
+    lora: LoraOptions | None = None,
 ):
-    """Load the denoiser (transformer + VAE + scheduler config) of `model`."""
+    """Load the denoiser (model + VAE + scheduler config) of `model`.
+
+    Args:
+        options: the family's own settings, checked against its `Options` (a misspelt
+            key is an error).
+        lora: LoRA slots to carry, or None for a model that serves no adapters.
+    """
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
-    return FAMILY_MODULES[family].ZImageDenoiser.from_pretrained(
+    module = family_module(family)
+    return module.Denoiser.from_pretrained(
         path,
         dev,
         pick_dtype(dtype, dev),
         attention_backend,
         pick_compile(compile, dev),
-        fuse_projections,
+        module.Options.model_validate(options or {}),
+        lora,
     )

@@ -1,20 +1,25 @@
-"""Where model weights come from: a local diffusers-format folder, or the embedded `tiny`.
+"""Where model weights come from: a local diffusers-format folder, or an embedded `tiny`.
 
 Nothing is ever fetched from a hub: every `from_pretrained` here reads a local folder.
+The family is read from the folder's model_index.json, never guessed from its name.
 """
 
+import importlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # The hub libraries read these at import; set them before transformers/diffusers load.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TINY = "tiny"
-
-# model_index.json `_class_name` -> family name (one engine file per family).
-FAMILIES = {"ZImagePipeline": "zimage"}
+# model_index.json `_class_name` -> family (one engine package per family).
+FAMILIES = {"ZImagePipeline": "zimage", "StableDiffusionXLPipeline": "sdxl"}
+# Embedded checkpoints, generated on first use by their family's `tiny` module.
+TINY = {"tiny": "zimage", "tiny-sdxl": "sdxl"}
 
 
 class CheckpointError(ValueError):
@@ -30,24 +35,59 @@ def resolve(model: str) -> tuple[Path, str]:
     """Turn the `model` setting into (folder, family).
 
     Args:
-        model: "tiny" for the embedded checkpoint (generated on first use), or the path of
-            a local diffusers-format folder such as a download of Tongyi-MAI/Z-Image-Turbo.
+        model: "tiny" (Z-Image) or "tiny-sdxl" for an embedded checkpoint (generated on
+            first use), or the path of a local diffusers-format folder such as a
+            download of Tongyi-MAI/Z-Image-Turbo or stabilityai/stable-diffusion-xl-base-1.0.
     """
-    if model == TINY:
-        from serve_app.engine.tiny import ensure_tiny
+    if model in TINY:
+        tiny = importlib.import_module(f"serve_app.engine.{TINY[model]}.tiny")
+        path = tiny.ensure_tiny(cache_dir())
+    else:
+        path = Path(model).expanduser()
+    return path, family_of(path, model)
 
-        return ensure_tiny(cache_dir()), "zimage"
-    path = Path(model).expanduser()
+
+def family_of(path: Path, model: str | None = None) -> str:
+    """The family of the checkpoint folder `path`, from its model_index.json."""
     index = path / "model_index.json"
     if not index.is_file():
         raise CheckpointError(
-            f"model={model!r}: no model_index.json in {path}. Set `model` to 'tiny' or to a "
-            "local diffusers-format folder (e.g. a download of Tongyi-MAI/Z-Image-Turbo)."
+            f"model={model or str(path)!r}: no model_index.json in {path}. Set `model` to one "
+            f"of {', '.join(TINY)} or to a local diffusers-format folder (e.g. a download of "
+            "Tongyi-MAI/Z-Image-Turbo)."
         )
-    class_name = json.loads(index.read_text()).get("_class_name")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"model={model or str(path)!r}: {index} is unreadable: {exc}"
+        ) from None
     if class_name not in FAMILIES:
         raise CheckpointError(
-            f"model={model!r}: pipeline {class_name!r} is not served here; "
-            f"supported: {sorted(FAMILIES)}."
+            f"model={model or str(path)!r}: pipeline {class_name!r} is not served here; "
+            f"supported: {', '.join(sorted(FAMILIES))}."
         )
-    return path, FAMILIES[class_name]
+    return FAMILIES[class_name]
+
+
+def save_once(final: Path, save: Callable[[Path], None], marker: str = "model_index.json") -> Path:
+    """`final`, holding what `save(folder)` writes, written there unless it already is.
+
+    Several processes may start at once: each saves into its own temporary folder and
+    the first rename wins, so a reader never sees a half-written folder. `marker` is
+    the file whose presence means the folder is complete.
+    """
+    if (final / marker).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        save(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / marker).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

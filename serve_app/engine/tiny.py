@@ -1,168 +1,58 @@
-"""The embedded `tiny` checkpoint: Z-Image architecture, small configs, random weights.
+"""Random adapters for the embedded tiny checkpoints and the benchmarks, saved through the
+real save paths (diffusers' `save_lora_weights`, with PEFT's config as its metadata) and
+in kohya's format, so that the LoRA path can be tried and tested with no download."""
 
-It is generated deterministically on first use and saved in diffusers format, then loaded
-through the same code as a real download. It draws noise, not pictures: it exists so that
-the service, its tests and CI run anywhere without downloading weights.
-"""
-
-import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import torch
 
-TINY_NAME = "zimage-tiny-v1"
-
-# A few sentences to train the byte-level BPE on; any fixed text gives a fixed tokenizer.
-_CORPUS = [
-    "a photo of a cat sitting on a windowsill in the morning light",
-    "an oil painting of a lighthouse on a cliff during a storm, dramatic sky",
-    "a watercolor illustration of a fox in a snowy forest, soft colors",
-    "portrait of an old sailor with a white beard, studio lighting, 85mm",
-    "a futuristic city skyline at night with neon signs and flying cars",
-    "a bowl of ramen with egg and green onions, top view, food photography",
-    "a red vintage steam train opening a zipper in the winter snow, poster",
-    "mountains, river, trees, clouds, sunset, ocean, beach, desert, flowers",
-]
-
-# Same rendering as Qwen3's template for a user turn with add_generation_prompt=True.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
-)
+from serve_app.engine.lora import SUFFIX
 
 
-def build_tokenizer():
-    """The tiny byte-level BPE tokenizer with a Qwen3-style chat template (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def random_lora(
+    model: torch.nn.Module,
+    targets: str,
+    rank: int,
+    alpha: float,
+    seed: int,
+    scale: float = 0.3,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict in PEFT's keys, LoraConfig as a dict) of a random rank-`rank` adapter
+    on the linear layers of `model` whose names match `targets` (full match). Both
+    matrices are drawn (PEFT would start lora_B at zero: an adapter that changes nothing).
+    `model` may be on the meta device: only its layers' shapes are read. `dtype`: that of
+    the layers' weights unless given."""
+    from peft import LoraConfig
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="right",
-        model_max_length=32768,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def build_tiny_pipeline(text_hidden: int = 32, text_layers: int = 3):
-    """Build the tiny Z-Image pipeline in memory (random weights, fixed seeds).
-
-    Args:
-        text_hidden: hidden size of the text encoder (and the transformer's caption input).
-        text_layers: layers of the text encoder. Tests that need an encoder slow enough
-            to be cancelled mid-stage build a wider, deeper one.
-    """
-    from diffusers import AutoencoderKL
-    from diffusers.models.transformers import ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = Qwen3Model(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=text_hidden,
-            intermediate_size=text_hidden * 2,
-            num_hidden_layers=text_layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=2048,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    torch.manual_seed(1)
-    transformer = ZImageTransformer2DModel(
-        dim=64,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        cap_feat_dim=text_hidden,
-        axes_dims=[8, 12, 12],
-        axes_lens=[1536, 512, 512],
-    )
-    torch.manual_seed(2)
-    vae = AutoencoderKL(**vae_config([8, 8, 16, 16], layers_per_block=1, norm_num_groups=8))
-    return assemble(tokenizer, text_encoder, transformer, vae)
+    generator = torch.Generator().manual_seed(seed)
+    state, names = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.fullmatch(targets, name):
+            names.append(name)
+            for kind, shape in (
+                ("A", (rank, module.in_features)),
+                ("B", (module.out_features, rank)),
+            ):
+                draw = torch.randn(shape, generator=generator) * scale
+                state[f"{name}.lora_{kind}.weight"] = draw.to(dtype or module.weight.dtype)
+    if not names:
+        raise ValueError(f"no linear layer matches {targets!r}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])  # JSON has no sets
+    return state, config
 
 
-def vae_config(block_out_channels: list[int], layers_per_block: int, norm_num_groups: int):
-    """Z-Image's 16-channel VAE (the Flux autoencoder's layout) at the given widths."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=block_out_channels,
-        layers_per_block=layers_per_block,
-        norm_num_groups=norm_num_groups,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+def save_kohya(path: Path, state: dict[str, torch.Tensor], alpha: float) -> None:
+    """`state` (PEFT keys: "<module>.lora_A.weight") in kohya's format: "lora_unet_" +
+    the module path with underscores, lora_down/lora_up, and an alpha per module."""
+    from safetensors.torch import save_file
 
-
-def assemble(tokenizer, text_encoder, transformer, vae):
-    """A ZImagePipeline of these components and Z-Image-Turbo's scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
-
-    return ZImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
-
-
-def ensure_tiny(root: Path, name: str = TINY_NAME, **sizes) -> Path:
-    """Return the checkpoint folder `root/name`, generating it if it is missing.
-
-    `sizes` go to build_tiny_pipeline; the default is the embedded `tiny`.
-    """
-    return save_once(root / name, lambda: build_tiny_pipeline(**sizes))
-
-
-def save_once(final: Path, build) -> Path:
-    """`final`, holding the pipeline `build()` returns, saved there unless it already is.
-
-    Several processes may start at once: each saves into its own temporary folder and
-    the first rename wins, so a reader never sees a half-written checkpoint.
-    """
-    if (final / "model_index.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build().save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    out = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        out[f"{stem}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = value
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    save_file(out, str(path.with_suffix(SUFFIX)))

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from serve_app.engine import checkpoint
-from serve_app.engine.tiny import TINY_NAME, build_tiny_pipeline, ensure_tiny
+from serve_app.engine.zimage.tiny import TINY_NAME, build_tiny_pipeline, ensure_tiny
 
 
 def test_tiny_is_a_diffusers_zimage_folder(tiny_path):
@@ -31,6 +31,17 @@ def test_tiny_is_generated_deterministically(tmp_path, tiny_path):
     assert (tiny_path / "tokenizer/tokenizer.json").read_text() == (
         fresh / "tokenizer/tokenizer.json"
     ).read_text()
+
+
+def test_tiny_sdxl_is_a_diffusers_sdxl_folder_with_adapters(sdxl_path):
+    index = json.loads((sdxl_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    for part in ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        assert (sdxl_path / part).is_dir()
+    assert checkpoint.resolve(str(sdxl_path)) == (sdxl_path, "sdxl")
+    assert checkpoint.resolve("tiny-sdxl") == (sdxl_path, "sdxl")
+    adapters = sorted(p.name for p in (sdxl_path / "loras").iterdir())
+    assert adapters == ["tiny-kohya.safetensors", "tiny-style.safetensors"]
 
 
 def test_tiny_tokenizer_has_a_chat_template():

@@ -16,8 +16,8 @@ def test_harness_smoke_run(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "load_tests.bench_gpu", "--tiny", "--device", "cpu",
          "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "stock", "engine",
-         "sweep", "service", "--service-parts", "configs", "throughput", "vram_table",
-         "cancellations", "--disconnects", "4"],
+         "sweep", "service", "sdxl", "lora", "--service-parts", "configs", "throughput",
+         "vram_table", "cancellations", "--disconnects", "4"],
         cwd=ROOT,
         check=True,
         timeout=600,
@@ -44,5 +44,19 @@ def test_harness_smoke_run(tmp_path):
     assert result["cancellations"]["disconnects"] == 4
     assert result["cancellations"]["request_after_status"] == 200
     assert len(result["sweep"]) == 2 * 2 * 2  # sizes x guidance x steps
+    sdxl = result["sdxl"]
+    for path in ("stock", "engine", "service"):
+        for variant in ("base", "niannian"):
+            assert sdxl[path][variant]["e2e"]["n"] == 1, (path, variant)
+    assert sdxl["service"]["niannian"]["loras"] == [{"name": "niannian", "scale": 0.85}]
+    assert sdxl["service"]["base"]["loras"] == []
+    assert set(sdxl["ratios"]["base"]) == {"engine_over_stock", "service_over_stock"}
+    assert len(sdxl["sweep"]) == 2 * 2  # guidance x steps
+    for costs in (sdxl["lora"], result["zimage_lora"]):
+        assert costs["adapter"]["rank"] == 4 and costs["adapter"]["modules"] > 0
+        assert costs["miss_read_to_device"]["n"] == 6
+        assert costs["step_hot_swapped"]["p50_ms"] > 0 and costs["step_fused"]["p50_ms"] > 0
+        assert costs["fuse_undo_max_abs_drift"] < 1e-5  # float32 on the CPU
     table = result_file.with_suffix(".md").read_text()
     assert "| 1024-turbo | stock |" in table and "| 1024-turbo | service |" in table
+    assert "| niannian | service |" in table and "step, hot-swapped adapter" in table

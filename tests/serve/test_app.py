@@ -21,19 +21,30 @@ def png(data: bytes) -> Image.Image:
     return image
 
 
+def gpus(service, name: str) -> float:
+    return deployment_config(service.config, name)["ray_actor_options"]["num_gpus"]
+
+
 def test_replicas_are_placed_on_gpus_as_the_config_says(service):
-    enc = service.handle("PromptEncoder").describe.remote().result()
-    den = service.handle("Denoiser").describe.remote().result()
-    # Real Ray placement of logical GPUs: both fractions share one card.
-    assert enc["gpu_ids"] == den["gpu_ids"] and len(den["gpu_ids"]) == 1
-    # The config's single-GPU layout (a pin on deploy/serve_config.yaml) ...
-    enc_gpus = deployment_config(service.config, "PromptEncoder")["ray_actor_options"]["num_gpus"]
-    den_gpus = deployment_config(service.config, "Denoiser")["ray_actor_options"]["num_gpus"]
-    assert (enc_gpus, den_gpus) == (0.25, 0.75)
+    # The config's single-GPU layout for two models (a pin on deploy/serve_config.yaml):
+    # each model's encoder on an eighth of the card, its denoiser on three eighths.
+    reserved = 0.0
+    for model in ("zimage", "sdxl"):
+        enc = service.handle("PromptEncoder", model).describe.remote().result()
+        den = service.handle("Denoiser", model).describe.remote().result()
+        assert (enc["model"], den["model"]) == (model, model)
+        assert len(enc["gpu_ids"]) == len(den["gpu_ids"]) == 1  # a share of one card each
+        enc_gpus, den_gpus = (
+            gpus(service, f"PromptEncoder-{model}"),
+            gpus(service, f"Denoiser-{model}"),
+        )
+        assert (enc_gpus, den_gpus) == (0.125, 0.375)
+        replicas = deployment_config(service.config, f"Denoiser-{model}").get("num_replicas", 1)
+        reserved += enc_gpus + replicas * den_gpus
+        assert den["device"] == "cpu"  # no CUDA here: the engine runs on the CPU
     assert "GPU" not in deployment_config(service.config, "Ingress")["ray_actor_options"]
     # ... is what Ray reserved: the rest of the logical GPUs is free.
-    assert ray.available_resources().get("GPU", 0) == pytest.approx(NUM_GPUS - enc_gpus - den_gpus)
-    assert den["device"] == "cpu"  # no CUDA here: the engine runs on the CPU
+    assert ray.available_resources().get("GPU", 0) == pytest.approx(NUM_GPUS - reserved)
 
 
 def test_openai_client_gets_a_png_of_the_requested_size(service):
@@ -65,13 +76,16 @@ def test_images_larger_than_a_grpc_message_cross_between_replicas(service):
     assert png(r.content).size == (1536, 1536)
 
 
-def test_openai_client_lists_the_model(service):
+def test_openai_client_lists_the_models(service):
     client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0)
-    [model] = client.models.list().data
-    assert model.id == "zimage"
-    assert model.model_extra["family"] == "zimage"
-    assert model.model_extra["presets"]["turbo"]["num_inference_steps"] == 9
-    assert model.model_extra["limits"]["max_prompt_tokens"] == 512
+    zimage, sdxl = client.models.list().data
+    assert (zimage.id, sdxl.id) == ("zimage", "sdxl")  # the config's order; first is default
+    assert zimage.model_extra["family"] == "zimage"
+    assert zimage.model_extra["presets"]["turbo"]["num_inference_steps"] == 9
+    assert zimage.model_extra["limits"]["max_prompt_tokens"] == 512
+    assert sdxl.model_extra["family"] == "sdxl"
+    assert sdxl.model_extra["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert sdxl.model_extra["limits"]["max_prompt_tokens"] == 77
 
 
 def test_generate_answers_png_bytes(service):
@@ -128,7 +142,10 @@ def test_health_and_readiness(service):
     with service.client() as http:
         assert http.get("/healthz").json() == {"status": "ok"}
         ready = http.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["denoiser"]["family"] == "zimage"
+    body = ready.json()
+    assert ready.status_code == 200 and body["status"] == "ready"
+    assert body["models"]["zimage"]["denoiser"]["family"] == "zimage"
+    assert body["models"]["sdxl"]["denoiser"]["family"] == "sdxl"
 
 
 def test_web_page_is_served(service):

@@ -9,6 +9,7 @@ checked by promtool's rule tests on series made for each case.
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ import ray
 import yaml
 
 from load_tests.local_service import ROOT, free_port
-from tests.serve.conftest import SLOW, denoiser_record, wait_for
+from tests.serve.conftest import SDXL_REPLICAS, SLOW, denoiser_record, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -39,6 +40,7 @@ GRAFANA_VARIABLES = {
     "$__interval": "15s",
     "$__range": "10m",
     "$application": ".*",
+    "$model": ".*",
     "$deployment": ".*",
     "$replica": ".*",
     "$stage": ".*",
@@ -183,7 +185,7 @@ def prom_is_up(prom: Prometheus) -> bool:
 
 
 @pytest.fixture(scope="module")
-def traffic(service, prometheus) -> Prometheus:
+def traffic(service, prometheus, lora_dirs) -> Prometheus:
     """Prometheus, once it has scraped ok, invalid and cancelled requests."""
     for _ in range(3):
         assert post(service, SMALL).status_code == 200
@@ -193,6 +195,12 @@ def traffic(service, prometheus) -> Prometheus:
         post(service, SLOW, timeout=2.0, request_id=victim)
     wait_for(lambda: denoiser_record(service, victim))  # the Denoiser recorded the cancel
     assert post(service, SMALL).status_code == 200
+    # An adapter read afresh (a replaced file is loaded again: a miss, timed), and one
+    # refused: the LoRA panels' series.
+    adapter = lora_dirs["zimage"] / "tiny-style.safetensors"
+    os.utime(adapter, ns=(time.time_ns(), time.time_ns()))
+    assert post(service, {**SMALL, "lora": {"name": "tiny-style"}}).status_code == 200
+    assert post(service, {**SMALL, "lora": {"name": "broken"}}).status_code == 422
     return prometheus
 
 
@@ -236,6 +244,20 @@ def test_every_recording_rule_returns_series(traffic, service):
     results = series_of(traffic, service, recording)
     empty = [name for name, result in results.items() if not result]
     assert not empty, f"recording rules without series: {empty}"
+
+
+def test_every_served_model_counts_its_healthy_denoisers(traffic, service):
+    """The healthy-replica count per model that T2IDenoiserDown compares, on the live
+    app: each model's own Denoiser replicas, none counted under another's name."""
+    expected = {"zimage": 1, "sdxl": SDXL_REPLICAS}
+    expr = "application_model:t2i_denoiser_healthy_replicas:sum"
+    deadline = time.monotonic() + 60
+    while True:
+        got = {r["metric"]["model"]: float(r["value"][1]) for r in traffic.query(expr)}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert got == expected
 
 
 def test_every_alert_evaluates_and_its_quantity_has_series(traffic, service):
@@ -311,18 +333,16 @@ def _alert_cases() -> list[dict]:
     each case are ones it must not fire for."""
     from serve_app.metrics import STAGE_SECONDS
 
-    def health(app: str, value: str) -> dict:
-        labels = f'application="{app}",deployment="Denoiser",replica="r-{app}"'
+    def health(app: str, value: str, model: str = "m") -> dict:
+        labels = f'application="{app}",deployment="Denoiser-{model}",replica="r-{app}-{model}"'
         return {"series": f"ray_serve_deployment_replica_healthy{{{labels}}}", "values": value}
 
-    def requests(app: str, outcome: str, per_minute: int) -> dict:
-        return {
-            "series": f'ray_t2i_requests_total{{application="{app}",outcome="{outcome}"}}',
-            "values": f"0+{per_minute}x20",
-        }
+    def requests(app: str, outcome: str, per_minute: int, model: str = "m") -> dict:
+        labels = f'application="{app}",model="{model}",outcome="{outcome}"'
+        return {"series": f"ray_t2i_requests_total{{{labels}}}", "values": f"0+{per_minute}x20"}
 
     def vram(replica: str, free: float, total: float) -> list[dict]:
-        labels = f'application="t2i",deployment="Denoiser",replica="{replica}"'
+        labels = f'application="t2i",deployment="Denoiser-m",replica="{replica}"'
         return [
             {"series": f'ray_t2i_vram_bytes{{{labels},kind="{kind}"}}', "values": f"{v}x20"}
             for kind, v in (("free", free), ("total", total))
@@ -379,8 +399,13 @@ def _alert_cases() -> list[dict]:
                 health("stopped", "1 1 1 0 0 0 0 0 0 0 0 0"),
                 requests("stopped", "ok", 1),
                 requests("gone", "ok", 1),  # its Denoiser exports no health at all
+                # One model down, the other up: it fires for that model alone.
+                health("half", "1x20", "a"),
+                requests("half", "ok", 1, "a"),
+                requests("half", "ok", 1, "b"),
+                requests("early", "invalid", 1, "unknown"),  # refused before a model
             ],
-            "fires_for": ["gone", "stopped"],
+            "fires_for": [("gone", "m"), ("half", "b"), ("stopped", "m")],
         },
         {
             "alert": "RayMetricsDown",
@@ -399,22 +424,28 @@ def test_alerts_fire_past_their_thresholds_and_only_there(tmp_path):
     exprs = {a["alert"]: a["expr"] for a in rules("alert")}
     cases = _alert_cases()
     assert sorted(c["alert"] for c in cases) == sorted(exprs), "an alert without a case"
-    key = {"T2IVramLow": "replica", "RayMetricsDown": "instance"}
+    key = {
+        "T2IVramLow": ["replica"],
+        "RayMetricsDown": ["instance"],
+        "T2IDenoiserDown": ["application", "model"],
+    }
     tests = []
     for case in cases:
-        label = key.get(case["alert"], "application")
+        labels = key.get(case["alert"], ["application"])
+        samples = []
+        for value in case["fires_for"]:
+            values = value if isinstance(value, tuple) else (value,)
+            pairs = ",".join(f'{k}="{v}"' for k, v in zip(labels, values, strict=True))
+            samples.append({"labels": f"{{{pairs}}}", "value": 1})
         tests.append(
             {
                 "interval": "1m",
                 "input_series": case["series"],
                 "promql_expr_test": [
                     {
-                        "expr": f"group by ({label}) ({exprs[case['alert']]})",
+                        "expr": f"group by ({', '.join(labels)}) ({exprs[case['alert']]})",
                         "eval_time": "10m",
-                        "exp_samples": [
-                            {"labels": f'{{{label}="{value}"}}', "value": 1}
-                            for value in case["fires_for"]
-                        ],
+                        "exp_samples": samples,
                     }
                 ],
             }
@@ -427,3 +458,38 @@ def test_alerts_fire_past_their_thresholds_and_only_there(tmp_path):
         [binary("promtool"), "test", "rules", str(spec)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- counts that follow known traffic --------------------------------------------------
+
+
+def lora_counts(service, model: str) -> dict[str, float]:
+    """t2i_lora_loads_total by result for `model`, summed over replicas, from Ray's export."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(service.metrics_url, timeout=30).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ray_t2i_lora_loads_total" and sample.labels["model"] == model:
+                result = sample.labels["result"]
+                counts[result] = counts.get(result, 0.0) + sample.value
+    return counts
+
+
+def test_lora_hits_misses_and_errors_are_counted(service, lora_dirs):
+    before = lora_counts(service, "zimage")
+    adapter = lora_dirs["zimage"] / "tiny-kohya.safetensors"
+    os.utime(adapter, ns=(time.time_ns(), time.time_ns()))  # replaced: read again
+    body = {**SMALL, "lora": {"name": "tiny-kohya"}}
+    assert post(service, body).status_code == 200  # a miss
+    assert post(service, body).status_code == 200  # a hit
+    assert post(service, {**SMALL, "lora": {"name": "broken"}}).status_code == 422  # an error
+    expected = {r: before.get(r, 0.0) + 1 for r in ("miss", "hit", "error")}
+
+    def counted():
+        now = lora_counts(service, "zimage")
+        return now if all(now.get(r, 0.0) >= n for r, n in expected.items()) else None
+
+    now = wait_for(counted, timeout=30)
+    assert {r: now[r] for r in expected} == expected

@@ -1,4 +1,4 @@
-"""Our encoder + step loop against the stock diffusers ZImagePipeline, float32 on CPU."""
+"""Our Z-Image encoder + loop against the stock diffusers ZImagePipeline, float32 on CPU."""
 
 import numpy as np
 import pytest
@@ -45,7 +45,7 @@ def stock(pipe, p: GenerationParams, sigmas=None):
 def ours(encoder, denoiser, p: GenerationParams, sigmas=None):
     calls, handle = count_calls(denoiser.transformer.t_embedder)
     try:
-        emb = encoder.encode(p.prompt, p.negative_prompt, with_negative=p.uses_guidance)
+        emb = encoder.encode_params(p)
         images = np.stack(denoiser.generate(p, emb, sigmas=sigmas))
     finally:
         handle.remove()
@@ -93,11 +93,3 @@ def test_step_with_zero_dt_is_skipped(pipe, encoder, denoiser):
     got, got_calls = ours(encoder, denoiser, p, sigmas=sigmas)
     assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
     assert (ref_calls, got_calls) == (4, 3)
-
-
-def test_different_seeds_give_different_images(encoder, denoiser):
-    base = CASES["turbo-no-guidance"]
-    emb = encoder.encode(base.prompt, None, with_negative=False)
-    a = denoiser.generate(base, emb)[0]
-    b = denoiser.generate(GenerationParams(**{**base.__dict__, "seed": 43}), emb)[0]
-    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5

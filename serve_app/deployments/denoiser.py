@@ -1,0 +1,232 @@
+"""The Denoiser replica: embeddings -> images (step loop + VAE decode), on a whole GPU
+(or most of one), with the request's adapters applied."""
+
+import asyncio
+import concurrent.futures
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ray import serve
+
+from serve_app.config import ModelSettings
+from serve_app.deployments.adapters import Adapters
+from serve_app.deployments.replica import Replica
+from serve_app.errors import Cancelled, DoesNotFit
+from serve_app.messages import EncodedPrompt, Generated, GenerationParams, Progress
+
+logger = logging.getLogger("ray.serve")
+
+
+def _log_failure(fut: concurrent.futures.Future) -> None:
+    if fut.exception() is not None:
+        logger.error("recording metrics failed", exc_info=fut.exception())
+
+
+def lora_folder(settings: ModelSettings, checkpoint: Path) -> Path | None:
+    """The model's adapter folder: `lora_dir`, or with "auto" the checkpoint's `loras/`
+    if it has one; None for a model without adapters."""
+    if settings.lora_dir is None:
+        return None
+    if settings.lora_dir == "auto":
+        folder = checkpoint / "loras"
+        return folder if folder.is_dir() else None
+    folder = Path(settings.lora_dir).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model {settings.id!r}: lora_dir {str(folder)!r} is not a folder")
+    return folder
+
+
+@serve.deployment
+class Denoiser(Replica):
+    """One model's step loop and VAE; `num_gpus`, replicas and queue limits in
+    deploy/*.yaml under `Denoiser-<model id>`."""
+
+    def __init__(self, settings: ModelSettings):
+        from serve_app.engine import LoraOptions, checkpoint, load_denoiser
+
+        started = time.monotonic()
+        folder = lora_folder(settings, checkpoint.resolve(settings.model)[0])
+        lora = None
+        if folder is not None:
+            lora = LoraOptions(settings.lora.slots, settings.lora.max_rank)
+        engine = load_denoiser(
+            settings.model,
+            settings.device,
+            settings.dtype,
+            settings.attention_backend,
+            settings.compile,
+            settings.options,
+            lora,
+        )
+        super().__init__(engine, settings)
+        self.adapters = Adapters(engine, folder, settings.lora, self.metrics, self.labels)
+        self.presets = settings.presets
+        self.default_preset = settings.default_preset
+        self._check_presets()
+        self.metrics.start_at_zero(*self.labels, self.metrics.cancelled_steps, self.metrics.oom)
+        # Metrics of a finished request are recorded here, after its answer has gone.
+        self.accounting = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="metrics")
+        loaded = time.monotonic()
+        # On a CPU nothing is compiled and first calls cost no more than later ones: the
+        # smallest size alone checks that the model runs.
+        smallest = engine.side_multiple * 16
+        sizes = settings.parsed_warmup_sizes() if engine.device.type == "cuda" else []
+        self.warmup_s = engine.warmup(sizes or [(smallest, smallest)])
+        self.ready_s = time.monotonic() - started
+        logger.info(
+            "Denoiser %s ready in %.1f s on %s (load %.1f s, warm-up %s)",
+            self.model_id,
+            self.ready_s,
+            engine.device,
+            loaded - started,
+            self.warmup_s,
+        )
+
+    def _check_presets(self) -> None:
+        presets = self.presets_offered()
+        if self.default_preset is None:
+            self.default_preset = (
+                self.engine.default_preset if self.presets is None else next(iter(presets))
+            )
+        if self.default_preset not in presets:
+            raise ValueError(
+                f"model {self.model_id!r}: default_preset {self.default_preset!r} is not "
+                f"among its presets: {', '.join(presets)}"
+            )
+
+    def presets_offered(self) -> dict[str, dict]:
+        """The model's presets; an adapter of a preset stays only while its file is in
+        the model's LoRA folder."""
+        if self.presets is None:
+            presets = self.engine.presets
+        else:
+            presets = {name: p.model_dump() for name, p in self.presets.items()}
+        there = set(self.adapters.available())
+        return {
+            name: {**p, "loras": [lo for lo in p.get("loras", []) if lo["name"] in there]}
+            for name, p in presets.items()
+        }
+
+    async def generate(
+        self, request_id: str, params: GenerationParams, prompt: EncodedPrompt, sent_at: float
+    ) -> AsyncIterator[Progress | Generated]:
+        """Stream Progress events, then one Generated. Call with `stream=True` and, for a
+        request with adapters, `multiplexed_model_id` set to its first adapter's name.
+
+        Args:
+            request_id: for logs and cancel records.
+            params: what to draw.
+            prompt: the encoder's answer for `params`.
+            sent_at: time.time() when the caller sent the call (for the queue time).
+
+        Raises (at the caller): DoesNotFit when the device runs out of memory; LoraError
+        when an adapter is unknown or unusable.
+        """
+        from serve_app.engine.cancel import CancelToken
+        from serve_app.engine.embeddings import from_arrays
+        from serve_app.engine.stages import StageRecorder
+
+        adapters = await self.adapters.acquire(params.loras)
+        token, recorder = CancelToken(), StageRecorder(self.engine.device)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        started: list[float] = []
+        loras = [(a, c.scale) for a, c in zip(adapters, params.loras, strict=True)]
+
+        def report(stage: str, done: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, Progress(stage, done, total))
+
+        def job():
+            started.append(time.time())
+            report("denoise", 0, params.num_inference_steps)
+            embeddings = from_arrays(prompt.tensors, prompt.dtypes)
+            return self.engine.generate(
+                params, embeddings, token, recorder, progress=report, loras=loras
+            )
+
+        fut = self.worker.submit(job)
+        self.metrics.queue_depth.set(self.worker.waiting)
+        wrapped, getter = asyncio.wrap_future(fut), None
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, wrapped}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                yield getter.result()
+            while not events.empty():
+                yield events.get_nowait()
+            images = wrapped.result()
+        except (asyncio.CancelledError, GeneratorExit):
+            if getter is not None:
+                getter.cancel()
+            ended = await self.worker.stop(fut, token)
+            self._account_cancel(request_id, params, ended, token, recorder.step_seconds)
+            raise
+        except DoesNotFit as exc:
+            self.metrics.out_of_memory(*self.labels)
+            logger.warning("request %s: %s", request_id, exc)
+            raise
+        finally:
+            self.metrics.queue_depth.set(self.worker.waiting)
+            if fut.done():
+                self.adapters.release(adapters)
+            else:  # still running: its adapters stay pinned until it stops
+                wrapped.add_done_callback(lambda _: self.adapters.release(adapters))
+
+        queue_s, steps = started[0] - sent_at, recorder.step_seconds
+
+        def account() -> None:
+            for name, rec in recorder.stages.items():
+                self.metrics.stage(*self.labels, name, rec.seconds, rec.vram_peak_bytes)
+            self.metrics.stage(*self.labels, "queue", queue_s)
+            self.metrics.steps(*self.labels, steps, params.width, params.height)
+
+        try:
+            yield Generated(
+                images=images,
+                timings_ms={"queue": round(queue_s * 1000, 3), **recorder.timings_ms()},
+                vram=recorder.vram_peaks(),
+                step_ms=round(statistics.median(steps) * 1000, 3) if steps else 0.0,
+                sent_at=time.time(),
+            )
+        finally:  # on another thread: the caller waits for this stream's end
+            self.accounting.submit(account).add_done_callback(_log_failure)
+
+    def _account_cancel(self, request_id, params, ended, token, step_seconds) -> None:
+        total = params.num_inference_steps
+        if isinstance(ended, Cancelled):
+            stage, done = ended.stage, ended.steps_done
+        else:  # it finished (or failed) before it saw the token
+            stage, done = "done", total
+        latency = None
+        if token.signalled_at is not None and stage != "queued":
+            latency = time.monotonic() - token.signalled_at
+        self.metrics.cancelled(*self.labels, total - done, latency)
+        self.record_cancel(
+            request_id,
+            {
+                "stage": stage,
+                "steps_done": done,
+                "steps_total": total,
+                "stop_latency_s": latency,
+                "max_step_s": max(step_seconds, default=None),
+            },
+        )
+
+    def describe(self) -> dict:
+        from serve_app.engine import family_module
+
+        return {
+            **super().describe(),
+            "presets": self.presets_offered(),
+            "default_preset": self.default_preset,
+            "side_multiple": self.engine.side_multiple,
+            "scheduler": family_module(self.family).SCHEDULER,
+            "loras": self.adapters.describe(),
+            "ready_s": round(self.ready_s, 3),
+            "warmup_s": self.warmup_s,
+        }

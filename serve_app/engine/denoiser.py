@@ -1,0 +1,151 @@
+"""What every family's denoiser shares: LoRA slots, compilation, the warm-up over both
+slot states, and `generate` through the shared loop. A family adds its `sampling` (the
+phases of its pipeline's `__call__` up to the loop) and its warm-up paths."""
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serve_app.engine import loop
+from serve_app.engine.cancel import CancelToken
+from serve_app.engine.compiling import configure_dynamo
+from serve_app.engine.lora import Adapter, LoraFamily, LoraSlots, read_adapter
+from serve_app.engine.stages import StageRecorder
+from serve_app.messages import GenerationParams
+
+# Slots on, every scale 0: what the warm-up runs so that the slots' graph is compiled too.
+BLANK = Adapter("", 0, {}, [], 0)
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """How many adapters one request may combine and the largest rank accepted.
+
+    Each slot adds a rank-`max_rank` product to every adapted layer of a step that uses
+    adapters (smaller ranks are zero-padded); requests without adapters skip them."""
+
+    slots: int = 1
+    max_rank: int = 64
+
+
+class Denoiser:
+    """Embeddings -> latents through our own loop -> VAE decode -> pixels.
+
+    All state of a call is local to that call; one object serves requests one after
+    another (the deployment runs it on a single worker thread).
+
+    Args:
+        model: the family's transformer or UNet.
+        vae: its AutoencoderKL.
+        scheduler_config: the family's scheduler config; each call builds its own.
+        device: where both models run.
+        lora: the model's LoRA slots, or None when the model serves no adapters.
+    """
+
+    family: str
+    lora_family: LoraFamily
+    presets: dict[str, dict]
+    default_preset: str
+
+    def __init__(
+        self, model, vae, scheduler_config: dict, device: torch.device, lora: LoraSlots | None
+    ):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.scheduler_config = scheduler_config
+        self.device = device
+        self.lora = lora
+        # See loop.generate: on a GPU a step is reported once the next one is queued.
+        self.progress_when_queued = device.type == "cuda"
+        # The stock pipelines' vae_scale_factor (8 for 4 blocks).
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The weights this denoiser holds on its device."""
+        return [self.model, self.vae]
+
+    @property
+    def side_multiple(self) -> int:
+        """Image sides must be multiples of this."""
+        return self.vae_scale_factor
+
+    @staticmethod
+    def attach(model, vae, targets: str, compile: bool, lora: LoraOptions | None):
+        """LoRA slots on `model` (before compiling, as hot-swap needs), then regional
+        compilation of its repeated blocks and of the VAE decoder, with dynamic shapes:
+        one compilation serves every size, prompt length and batch; the first calls
+        compile (see `warmup`). Returns the slots, or None without `lora`."""
+        slots = None
+        if lora is not None:
+            slots = LoraSlots(model, targets, lora.slots, lora.max_rank)
+        if compile:
+            configure_dynamo()
+            model.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            vae.decoder.compile(dynamic=True)
+        return slots
+
+    def read_adapter(self, path: Path) -> Adapter:
+        """Read and check an adapter file for this model; see lora.read_adapter."""
+        if self.lora is None:
+            raise ValueError("this model serves no adapters")
+        return read_adapter(path, self.lora_family, self.lora, self.device, self.model.dtype)
+
+    def generate(
+        self,
+        params: GenerationParams,
+        embeddings: dict[str, torch.Tensor],
+        cancel: CancelToken | None = None,
+        recorder: StageRecorder | None = None,
+        progress: loop.ProgressFn | None = None,
+        loras: list[tuple[Adapter, float]] = (),
+        **sampling_kwargs,
+    ) -> list[np.ndarray]:
+        """Draw `params.num_images` images; returns HxWx3 uint8 arrays.
+
+        Args:
+            params: what to draw.
+            embeddings: the family encoder's output for `params`.
+            cancel, recorder, progress: see loop.generate.
+            loras: (adapter, scale) pairs this call applies, at most one per slot.
+            sampling_kwargs: family options of `sampling` (e.g. Z-Image's `sigmas`).
+
+        Raises: see loop.generate.
+        """
+        loras = list(loras)
+        if loras and self.lora is None:
+            raise ValueError("this model serves no adapters")
+
+        def prepare() -> loop.Sampling:
+            if self.lora is not None:
+                self.lora.activate(loras)
+            return self.sampling(params, embeddings, **sampling_kwargs)
+
+        return loop.generate(
+            prepare, params, self.device, cancel, recorder, progress, self.progress_when_queued
+        )
+
+    def sampling(self, params: GenerationParams, embeddings: dict, **kwargs) -> loop.Sampling:
+        raise NotImplementedError
+
+    def warmup(self, sizes: list[tuple[int, int]]) -> dict[str, float]:
+        """Run `warmup_calls` for each (width, height), with the LoRA slots off and on,
+        so that compilation, kernel selection and allocator growth happen before the
+        first request. Returns the seconds each size took."""
+        took = {}
+        states = [[], [(BLANK, 0.0)]] if self.lora is not None else [[]]
+        for width, height in sizes:
+            began = time.perf_counter()
+            for loras in states:
+                for params, embeddings in self.warmup_calls(width, height):
+                    self.generate(params, embeddings, loras=loras)
+            took[f"{width}x{height}"] = round(time.perf_counter() - began, 3)
+        if self.lora is not None:
+            self.lora.activate([])
+        return took
+
+    def warmup_calls(self, width: int, height: int) -> list[tuple[GenerationParams, dict]]:
+        raise NotImplementedError

@@ -1,0 +1,226 @@
+"""Z-Image's denoiser: ZImageTransformer2DModel through a flow-match Euler loop, then the
+16-channel VAE. For the same seed, prompt and settings it gives the stock ZImagePipeline's
+pixels; tests/engine/zimage/test_equivalence.py holds it to that."""
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers.loaders import ZImageLoraLoaderMixin
+from diffusers.models.transformers import ZImageTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+from pydantic import BaseModel, ConfigDict
+
+from serve_app.engine.denoiser import Denoiser, LoraOptions
+from serve_app.engine.lora import LoraFamily
+from serve_app.engine.zimage.encoder import uses_guidance
+from serve_app.engine.zimage.transformer import forward, prepare_transformer
+from serve_app.messages import GenerationParams
+
+# Named settings a request can start from; its own fields override them.
+PRESETS = {
+    "turbo": {"width": 1024, "height": 1024, "num_inference_steps": 9, "guidance_scale": 0.0},
+}
+DEFAULT_PRESET = "turbo"
+
+LORA = LoraFamily(
+    loader=ZImageLoraLoaderMixin,
+    prefix="transformer",
+    # Attention and feed-forward of every block, and the blocks' modulation.
+    targets=(
+        r"(layers|noise_refiner|context_refiner)\.\d+\."
+        r"(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)"
+    ),
+)
+
+
+class Options(BaseModel):
+    """Z-Image settings (a model's `options` in deploy/*.yaml).
+
+    Args:
+        fuse_projections: one GEMM for each attention's q, k, v projections and one for
+            each feed-forward's w1, w3; same math, same weight memory. Measured no faster
+            (*levers-3*); not with LoRA, whose adapters sit on the separate layers.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fuse_projections: bool = False
+
+
+class ZImageDenoiser(Denoiser):
+    """Args: see Denoiser; `scheduler_config` is the FlowMatchEulerDiscreteScheduler's
+    config, from which each call builds its own scheduler."""
+
+    family = "zimage"
+    lora_family = LORA
+    presets = PRESETS
+    default_preset = DEFAULT_PRESET
+
+    @property
+    def transformer(self):
+        return self.model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_backend: str = "native",
+        compile: bool = False,
+        options: Options | None = None,
+        lora: LoraOptions | None = None,
+    ) -> "ZImageDenoiser":
+        """Load from a diffusers-format folder (model_index.json, transformer/, vae/,
+        scheduler/).
+
+        Args:
+            device: where to run.
+            dtype: weights and compute dtype of both models.
+            attention_backend: a diffusers attention backend name; "native" is SDPA.
+            compile: see Denoiser.attach.
+            options: Z-Image settings.
+            lora: LoRA slots to carry, or None for a model without adapters.
+        """
+        options = options or Options()
+        if options.fuse_projections and lora is not None:
+            raise ValueError("fuse_projections and LoRA adapters exclude each other")
+        transformer = ZImageTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        )
+        prepare_transformer(transformer, attention_backend, options.fuse_projections)
+        vae = AutoencoderKL.from_pretrained(
+            path, subfolder="vae", torch_dtype=dtype, local_files_only=True
+        )
+        slots = cls.attach(transformer, vae, LORA.targets, compile, lora)
+        scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
+        return cls(transformer, vae, scheduler_config, device, slots)
+
+    @property
+    def side_multiple(self) -> int:
+        # Latents are 1/8 of the image and the transformer patches them 2x2.
+        return self.vae_scale_factor * 2
+
+    def warmup_calls(self, width: int, height: int):
+        """Every path a request can take: no guidance; guidance with a negative prompt as
+        long as the prompt (no attention mask); and with one of another padded length
+        (masked). An H200 run that warmed only the first two took 4.6 s for its first
+        masked request at 768x768 and 10 steps, against 1.2 s once warm (*sweep-cancel*,
+        *-2*)."""
+        hidden = self.transformer.config.cap_feat_dim
+        dtype = self.transformer.dtype
+
+        def tokens(n: int) -> torch.Tensor:
+            return torch.zeros(n, hidden, dtype=dtype)
+
+        paths = [  # (guidance, prompt tokens, negative tokens); padded to 32s: 64/64, 64/32
+            (0.0, 40, None),
+            (1.0, 40, 40),
+            (1.0, 40, 8),
+        ]
+        calls = []
+        for guidance, n_prompt, n_negative in paths:
+            embeddings = {"prompt": tokens(n_prompt)}
+            if n_negative is not None:
+                embeddings["negative"] = tokens(n_negative)
+            calls.append(
+                (GenerationParams("warmup", None, width, height, 1, guidance, 0), embeddings)
+            )
+        return calls
+
+    def sampling(self, params, embeddings, sigmas: list[float] | None = None) -> "ZImageSampling":
+        """Phases 1-3 of ZImagePipeline.__call__ for one request.
+
+        Args:
+            sigmas: a custom noise schedule (as the stock pipeline's `sigmas`).
+        """
+        return ZImageSampling(self, params, embeddings, sigmas)
+
+    def _step(self, latents, t, sigmas, i, cap_feats, params, cache) -> torch.Tensor:
+        n = params.num_images
+        guided = uses_guidance(params)
+        timestep = (1000 - t.expand(n)) / 1000
+        model_input = latents.to(self.transformer.dtype)
+        if guided:
+            model_input = model_input.repeat(2, 1, 1, 1)
+            timestep = timestep.repeat(2)
+        out = forward(
+            self.transformer,
+            list(model_input.unsqueeze(2).unbind(dim=0)),
+            timestep,
+            cap_feats,
+            cache,
+        )
+        if guided:
+            pos = torch.stack([o.float() for o in out[:n]])
+            neg = torch.stack([o.float() for o in out[n:]])
+            noise_pred = pos + params.guidance_scale * (pos - neg)
+        else:
+            noise_pred = torch.stack([o.float() for o in out])
+        # The model predicts the negated velocity; Euler step x += (sigma_next - sigma) * v.
+        noise_pred = -noise_pred.squeeze(2)
+        return latents + (sigmas[i + 1] - sigmas[i]) * noise_pred
+
+
+class ZImageSampling:
+    """One request's latents, timesteps and prompt features on the device."""
+
+    def __init__(self, den: ZImageDenoiser, params: GenerationParams, embeddings, sigmas):
+        self.den, self.params, self.num_images = den, params, params.num_images
+        device, dtype = den.device, den.transformer.dtype
+        steps = params.num_inference_steps
+
+        # 1. Prompt embeddings, one per image (and the negatives after them, for guidance)
+        prompt = embeddings["prompt"].to(device, dtype=dtype)
+        self.cap_feats = [prompt] * params.num_images
+        if uses_guidance(params):
+            negative = embeddings["negative"].to(device, dtype=dtype)
+            self.cap_feats = self.cap_feats + [negative] * params.num_images
+
+        # 2. Initial noise: drawn on the CPU from the seed, so a seed means the same image
+        #    on every device (as the stock pipeline with a CPU generator).
+        latent_h = 2 * (params.height // (den.vae_scale_factor * 2))
+        latent_w = 2 * (params.width // (den.vae_scale_factor * 2))
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        self.latents = randn_tensor(
+            (params.num_images, den.transformer.in_channels, latent_h, latent_w),
+            generator=generator,
+            device=device,
+            dtype=torch.float32,
+        )
+
+        # 3. Timesteps, from a scheduler that belongs to this call alone
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(den.scheduler_config)
+        image_seq_len = (latent_h // 2) * (latent_w // 2)
+        mu = calculate_shift(
+            image_seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        if sigmas is None:
+            sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
+        scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        self.timesteps = scheduler.timesteps
+        self.sigmas = scheduler.sigmas
+        self.sigma_values = scheduler.sigmas.tolist()  # one host copy, not one sync a step
+        self.num_steps = len(self.timesteps)
+        self.cache: dict = {}  # what every step's forward shares; see transformer.forward
+
+    def skips(self, i: int) -> bool:
+        # dt == 0: the forward could not change the latents (the stock loop runs it).
+        return self.sigma_values[i + 1] == self.sigma_values[i]
+
+    def step(self, i: int) -> None:
+        self.latents = self.den._step(
+            self.latents, self.timesteps[i], self.sigmas, i, self.cap_feats, self.params, self.cache
+        )
+
+    def decode(self, k: int) -> torch.Tensor:
+        vae = self.den.vae
+        latents = self.latents[k : k + 1].to(vae.dtype) / vae.config.scaling_factor
+        latents = latents + vae.config.shift_factor
+        return vae.decode(latents, return_dict=False)[0]

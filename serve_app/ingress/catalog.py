@@ -1,0 +1,142 @@
+"""What the ingress knows of each served model, asked of the model's own replicas: family,
+presets, limits, adapters. Each model is asked apart, so one model's replicas being down
+or busy never holds up another model's requests."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.config import AppConfig
+from serve_app.ingress.errors import NotReady
+from serve_app.schema import MAX_IMAGES, MAX_STEPS, InvalidRequest, Limits
+
+DESCRIBE_TIMEOUT_S = 10.0
+# How often the adapter listing may be asked again when a request names one not in it
+# (a file an operator just added), so that unknown names cannot flood the replicas.
+LORA_REFRESH_S = 2.0
+
+
+@dataclass
+class Model:
+    """One served model as its replicas described it."""
+
+    id: str
+    family: str
+    presets: dict[str, dict]
+    default_preset: str
+    limits: Limits
+    max_prompt_tokens: int
+    scheduler: str
+    loras: list[dict]  # [{"name", "bytes"}]
+    lora_slots: int
+    asked_at: float
+
+    def listing(self) -> dict:
+        """Its entry in GET /v1/models (OpenAI's shape plus ours)."""
+        return {
+            "id": self.id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "t2i-serve",
+            "family": self.family,
+            "scheduler": self.scheduler,
+            "presets": self.presets,
+            "default_preset": self.default_preset,
+            "loras": self.loras,
+            "limits": {
+                "min_side": self.limits.min_side,
+                "max_side": self.limits.max_side,
+                "side_multiple": self.limits.side_multiple,
+                "max_prompt_tokens": self.max_prompt_tokens,
+                "max_images": MAX_IMAGES,
+                "max_steps": MAX_STEPS,
+                "max_loras": self.lora_slots,
+            },
+        }
+
+
+class Catalog:
+    """Args:
+    config: the application's settings.
+    encoders, denoisers: model id -> handle of its PromptEncoder / Denoiser deployment.
+    on_first_sight: called with a Model the first time it is described.
+    """
+
+    def __init__(
+        self,
+        config: AppConfig,
+        encoders: dict[str, DeploymentHandle],
+        denoisers: dict[str, DeploymentHandle],
+        on_first_sight=lambda model: None,
+    ):
+        self.config, self.encoders, self.denoisers = config, encoders, denoisers
+        self.ids = [m.id for m in config.models]
+        self._models: dict[str, Model] = {}
+        self._on_first_sight = on_first_sight
+
+    def known(self, model_id: str | None) -> str:
+        """The id a request's `model` field picks (the first model if it names none)."""
+        if model_id is None:
+            return self.ids[0]
+        if model_id not in self.encoders:
+            raise InvalidRequest(
+                f"model '{model_id}' is not served here; available: {', '.join(self.ids)}",
+                "model",
+                "model_not_found",
+            )
+        return model_id
+
+    def cached(self, model_id: str) -> Model | None:
+        return self._models.get(model_id)
+
+    async def describe(self, model_id: str) -> tuple[dict, dict]:
+        """describe() of one encoder and one denoiser replica of a model; NotReady if
+        either fails. They answer only after load and warm-up."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(
+                    self.encoders[model_id].describe.remote(),
+                    self.denoisers[model_id].describe.remote(),
+                ),
+                DESCRIBE_TIMEOUT_S,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            raise NotReady(f"the replicas of model '{model_id}' are not ready ({exc!r})") from exc
+
+    async def model(self, model_id: str) -> Model:
+        """The model's facts, asked once and kept."""
+        model = self._models.get(model_id)
+        if model is None:
+            model = await self._ask(model_id)
+        return model
+
+    async def with_loras(self, model_id: str, names: list[str]) -> Model:
+        """The model's facts, asked again (at most every LORA_REFRESH_S) if they do not
+        list every adapter in `names`: a file may have been added since."""
+        model = await self.model(model_id)
+        listed = {lora["name"] for lora in model.loras}
+        if set(names) <= listed or time.monotonic() - model.asked_at < LORA_REFRESH_S:
+            return model
+        return await self._ask(model_id)
+
+    async def _ask(self, model_id: str) -> Model:
+        enc, den = await self.describe(model_id)
+        first = model_id not in self._models
+        model = Model(
+            id=model_id,
+            family=den["family"],
+            presets=den["presets"],
+            default_preset=den["default_preset"],
+            limits=Limits(self.config.min_side, self.config.max_side, den["side_multiple"]),
+            max_prompt_tokens=enc["max_prompt_tokens"],
+            scheduler=den["scheduler"],
+            loras=den["loras"]["available"],
+            lora_slots=den["loras"]["slots"] if den["loras"]["dir"] else 0,
+            asked_at=time.monotonic(),
+        )
+        self._models[model_id] = model
+        if first:
+            self._on_first_sight(model)
+        return model

@@ -1,0 +1,253 @@
+"""The HTTP edge: routes as small functions over a catalog of models and one generation
+flow. It never imports torch: the model replicas answer in numpy and plain Python
+(serve_app/messages.py). Errors are answered from one table (ingress/errors.py)."""
+
+import asyncio
+import json
+import time
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from serve_app.config import AppConfig
+from serve_app.errors import UnknownLora
+from serve_app.ingress.answers import image_answer, json_answer, log_request
+from serve_app.ingress.catalog import Catalog, Model
+from serve_app.ingress.errors import (
+    BodyTooLarge,
+    NotFound,
+    NotReady,
+    cause,
+    error_body,
+    error_response,
+)
+from serve_app.ingress.flow import Encoding, Flow, State
+from serve_app.messages import GenerationParams
+from serve_app.metrics import Metrics
+from serve_app.schema import ImageRequest, InvalidRequest, parse_request, resolve
+
+MAX_REQUEST_ID = 128
+
+app = FastAPI(
+    title="t2i",
+    summary="Text-to-image generation, OpenAI Images API compatible.",
+    version="0.1.0",
+)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = {404: f"no route {request.method} {request.url.path}", 405: "method not allowed"}
+    body = error_body(
+        message.get(exc.status_code, str(exc.detail)),
+        "invalid_request_error",
+        None,
+        "not_found" if exc.status_code == 404 else None,
+    )
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(InvalidRequest(str(exc.errors()[0]["msg"])), "")[0]
+
+
+_GENERATION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ImageRequest.model_json_schema()}},
+    }
+}
+
+
+# Module functions the class calls stand above it: serve.ingress serializes the class
+# when it decorates it, with the module's names as they are at that point.
+
+
+def _check_request_id(request_id: str) -> None:
+    if not 0 < len(request_id) <= MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidRequest(
+            f"X-Request-Id must be 1-{MAX_REQUEST_ID} printable characters", "X-Request-Id"
+        )
+
+
+def _check_loras(params: GenerationParams, model: Model) -> None:
+    """Refuse adapters the model does not have (422) or more than it combines (400)."""
+    names = [lora["name"] for lora in model.loras]
+    for choice in params.loras:
+        if choice.name not in names:
+            raise UnknownLora(choice.name, names)
+    if len(params.loras) > model.lora_slots:
+        raise InvalidRequest(
+            f"{len(params.loras)} LoRAs asked for; model '{model.id}' combines at most "
+            f"{model.lora_slots} in one request",
+            "lora",
+            "too_many_loras",
+        )
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """HTTP routes of the service; see DESIGN.md for the API.
+
+    Args:
+        config: the application's settings.
+        encoders, denoisers: model id -> its PromptEncoder / Denoiser deployment.
+        inflight: the InFlight deployment (cancel by id).
+    """
+
+    def __init__(
+        self,
+        config: AppConfig,
+        encoders: dict[str, DeploymentHandle],
+        denoisers: dict[str, DeploymentHandle],
+        inflight: DeploymentHandle,
+    ):
+        self.config = config
+        self.metrics = Metrics()
+        self.catalog = Catalog(config, encoders, denoisers, self._first_sight)
+        self.flow = Flow(inflight, encoders, denoisers)
+        self.inflight = inflight
+        self._page = resources.files("serve_app").joinpath("web/index.html").read_text()
+
+    def _first_sight(self, model: Model) -> None:
+        self.metrics.start_at_zero(
+            model.family, model.id, self.metrics.requests, self.metrics.admission_rejects
+        )
+
+    # --- routes ----------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self._page)
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness: this ingress replica answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: each model's replicas answer (they do only after load and warm-up).
+        200 when every model is ready, 200 "degraded" when some are, else 503."""
+        asked = await asyncio.gather(
+            *(self.catalog.describe(i) for i in self.catalog.ids), return_exceptions=True
+        )
+        models = {}
+        for model_id, answer in zip(self.catalog.ids, asked, strict=True):
+            if isinstance(answer, BaseException):
+                models[model_id] = {"status": "not_ready", "reason": str(answer)}
+            else:
+                models[model_id] = {"status": "ready", "encoder": answer[0], "denoiser": answer[1]}
+        ready = sum(m["status"] == "ready" for m in models.values())
+        if not ready:
+            body = error_body("no model is ready", "service_unavailable", None, "not_ready")
+            return JSONResponse({**body, "models": models}, status_code=503)
+        status = "ready" if ready == len(models) else "degraded"
+        return JSONResponse({"status": status, "models": models})
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        """OpenAI's model list: each served model with family, presets, LoRAs, limits.
+        Models whose replicas are not ready yet are left out."""
+        asked = await asyncio.gather(
+            *(self.catalog.model(i) for i in self.catalog.ids), return_exceptions=True
+        )
+        data = [m.listing() for m in asked if not isinstance(m, BaseException)]
+        if not data:
+            return error_response(NotReady("no model is ready"), "")[0]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.post("/v1/images/generations", openapi_extra=_GENERATION_BODY)
+    async def generations(self, request: Request) -> Response:
+        """OpenAI Images API: JSON with base64 images, seed, timings (ms) and VRAM peaks."""
+        return await self._generation(request, raw=False)
+
+    @app.post("/generate", openapi_extra=_GENERATION_BODY)
+    async def generate(self, request: Request) -> Response:
+        """Same body; answers the image bytes (image/png unless output_format says else)."""
+        return await self._generation(request, raw=True)
+
+    @app.post("/v1/requests/{request_id}/cancel")
+    async def cancel(self, request_id: str) -> JSONResponse:
+        """Cancel one request wherever it runs; 404 if none with this id is in flight."""
+        report = await self.inflight.cancel.remote(request_id, self.config.cancel_wait_s)
+        if report is None:
+            missing = NotFound(
+                f"no request '{request_id}' is in flight (unknown or finished)", "request_id"
+            )
+            return error_response(missing, request_id)[0]
+        return JSONResponse({"id": request_id, "object": "request.cancellation", **report})
+
+    # --- one generation request --------------------------------------------------------
+
+    async def _generation(self, request: Request, raw: bool) -> Response:
+        started = time.monotonic()
+        request_id = request.headers.get("x-request-id", "")
+        model, params, state = None, None, None
+        try:
+            _check_request_id(request_id)
+            req = parse_request(await self._json(request))
+            model_id = self.catalog.known(req.model)
+            model = await self.catalog.model(model_id)
+            params = self._params(req, model, raw)
+            if params.loras:
+                model = await self.catalog.with_loras(model_id, [c.name for c in params.loras])
+                _check_loras(params, model)
+            state = State("queued", 0, params.num_inference_steps)
+            encoding = Encoding(req.output_format, req.output_compression, b64=not raw)
+            result = await self.flow.run(request_id, model.id, params, encoding, state)
+        except BaseException as exc:
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
+            if outcome is None:
+                response, outcome = error_response(exc, request_id)
+            labels = (model.family, model.id) if model else ("unknown", "unknown")
+            if isinstance(cause(exc), BackPressureError):  # a full queue turned it away
+                self.metrics.rejected(*labels)
+            self.metrics.request(*labels, outcome)
+            e2e = time.monotonic() - started
+            log_request(request_id, outcome, labels[1], params, state, e2e)
+            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                raise
+            return response
+
+        e2e = time.monotonic() - started
+        timings = {**result.timings_ms, "encode_image": round(result.encode_image_s * 1000, 3)}
+        timings["e2e"] = round(e2e * 1000, 3)
+
+        def account() -> None:  # after the answer is sent: off the request's latency
+            self.metrics.stage(model.family, model.id, "encode_image", result.encode_image_s)
+            self.metrics.stage(model.family, model.id, "e2e", e2e)
+            self.metrics.request(model.family, model.id, "ok")
+            log_request(request_id, "ok", model.id, params, state, e2e, timings, result.vram)
+
+        after = BackgroundTask(account)
+        if raw:
+            return image_answer(req.output_format, params, result, timings, after)
+        return json_answer(request_id, model.id, req.output_format, params, result, timings, after)
+
+    async def _json(self, request: Request) -> object:
+        body = await request.body()
+        if len(body) > self.config.max_body_bytes:
+            raise BodyTooLarge(len(body), self.config.max_body_bytes)
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(
+                f"the body is not valid JSON: {exc}", None, "invalid_json"
+            ) from None
+
+    def _params(self, req: ImageRequest, model: Model, raw: bool) -> GenerationParams:
+        if req.stream:
+            raise InvalidRequest("stream=true is not supported yet; omit it", "stream")
+        if raw and req.n > 1:
+            raise InvalidRequest("POST /generate answers one image; use n=1", "n")
+        return resolve(req, model.presets, model.default_preset, model.limits)

@@ -1,0 +1,170 @@
+"""Adapters per request, for each family: both file formats, scales, isolation between
+requests, refusals that name the file, no recompilation on a swap, the resident cache."""
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serve_app.engine import LoraOptions, lora
+from serve_app.engine.lora import Adapter, AdapterCache
+from serve_app.errors import AdapterError, BadLoraName, UnknownLora
+from tests.engine.conftest import FAMILY_PARAMS, MODELS
+
+
+def adapters(folder: Path, den) -> dict[str, Adapter]:
+    return {name: den.read_adapter(path) for name, path in lora.available(folder).items()}
+
+
+def draw(enc, den, p, loras=()):
+    return den.generate(p, enc.encode_params(p), loras=loras)[0]
+
+
+def differ(a, b) -> float:
+    return float(np.abs(a.astype(int) - b.astype(int)).mean())
+
+
+def test_both_formats_load_with_their_scales(lora_family):
+    name, _, den, path = lora_family
+    found = adapters(path / "loras", den)
+    assert set(found) == {"tiny-style", "tiny-kohya"}
+    style, kohya = found["tiny-style"], found["tiny-kohya"]
+    assert style.rank == kohya.rank == 4 and not style.ignored
+    assert all(s == 1.0 for _, _, s in style.modules.values())  # alpha == rank
+    # kohya's alpha 2 at rank 4: SDXL's loader passes it on, Z-Image's folds it into the
+    # weights; either way the adapter applies at half strength.
+    kohya_scales = {s for _, _, s in kohya.modules.values()}
+    assert kohya_scales == ({0.5} if name == "sdxl" else {1.0})
+    assert set(style.modules).isdisjoint(kohya.modules)  # attention vs feed-forward
+
+
+def test_scale_zero_is_the_base_image_and_a_scale_changes_it(lora_family):
+    name, enc, den, path = lora_family
+    p = replace(FAMILY_PARAMS[name], num_inference_steps=3)
+    found = adapters(path / "loras", den)
+    base = draw(enc, den, p)
+    for adapter in found.values():
+        np.testing.assert_array_equal(draw(enc, den, p, [(adapter, 0.0)]), base)
+        styled = draw(enc, den, p, [(adapter, 0.85)])
+        assert differ(styled, base) > 1
+        np.testing.assert_array_equal(draw(enc, den, p, [(adapter, 0.85)]), styled)
+        assert differ(draw(enc, den, p, [(adapter, 1.7)]), styled) > 1
+
+
+def test_interleaved_adapters_and_scales_never_bleed(lora_family):
+    """Requests alternating adapters, scales and none, one after another on one denoiser
+    (as its replica runs them): each equals its result alone."""
+    name, enc, den, path = lora_family
+    p = replace(FAMILY_PARAMS[name], num_inference_steps=2)
+    found = adapters(path / "loras", den)
+    style, kohya = found["tiny-style"], found["tiny-kohya"]
+    plan = [[], [(style, 0.85)], [(kohya, 0.5)], [(style, 0.3)], [], [(style, 0.85), (kohya, 1.0)]]
+    alone = [draw(enc, den, p, loras) for loras in plan]
+    for loras, expected in reversed(list(zip(plan, alone, strict=True))):
+        np.testing.assert_array_equal(draw(enc, den, p, loras), expected)
+    both = alone[-1]
+    assert differ(both, alone[1]) > 1  # the second slot adds its own adapter
+
+
+def test_a_corrupt_file_is_refused_by_name_and_the_model_still_draws(lora_family, tmp_path):
+    name, enc, den, _ = lora_family
+    p = replace(FAMILY_PARAMS[name], num_inference_steps=2)
+    base = draw(enc, den, p)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(AdapterError, match="'broken.safetensors'.*not a readable LoRA"):
+        den.read_adapter(bad)
+    np.testing.assert_array_equal(draw(enc, den, p), base)
+
+
+def test_an_adapter_for_the_other_family_is_refused(lora_family):
+    name, _, den, _ = lora_family
+    from serve_app.engine import checkpoint
+
+    other = checkpoint.resolve(MODELS["sdxl" if name == "zimage" else "zimage"])[0]
+    with pytest.raises(AdapterError, match="tiny-style.safetensors' cannot be used"):
+        den.read_adapter(other / "loras" / "tiny-style.safetensors")
+
+
+def test_an_adapter_above_the_max_rank_is_refused(lora_family, tmp_path):
+    name, _, den, path = lora_family
+    from serve_app.engine import load_denoiser
+
+    small = load_denoiser(
+        MODELS[name], device="cpu", dtype="float32", lora=LoraOptions(slots=1, max_rank=2)
+    )
+    with pytest.raises(AdapterError, match="rank 4 is above the max_rank 2"):
+        small.read_adapter(path / "loras" / "tiny-style.safetensors")
+
+
+def test_swapping_adapters_and_scales_never_recompiles(lora_family, monkeypatch):
+    """Compiled (Dynamo's graphs and guards; the "eager" backend skips code generation),
+    warmed with the slots off and on: adapters, scales and none in any order, with and
+    without guidance, run on the graphs the warm-up made."""
+    family, enc, _, path = lora_family
+    from serve_app.engine import load_denoiser
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "compile",
+        lambda self, *a, **k: compile_module(self, *a, **{**k, "backend": "eager"}),
+    )
+    torch._dynamo.reset()
+    try:
+        den = load_denoiser(
+            MODELS[family], "cpu", "float32", compile=True, lora=LoraOptions(slots=2, max_rank=8)
+        )
+        den.warmup([(256, 256)])
+        found = adapters(path / "loras", den)
+        adapter, other = found["tiny-style"], found["tiny-kohya"]
+        base = FAMILY_PARAMS[family]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for loras, guidance in [
+                ([(adapter, 0.85)], base.guidance_scale),
+                ([(other, 0.4)], 0.0),
+                ([], base.guidance_scale),
+                ([(adapter, 1.3), (other, 0.2)], 0.0),
+                ([(other, 2.0)], base.guidance_scale),
+            ]:
+                p = replace(base, num_inference_steps=1, guidance_scale=guidance)
+                den.generate(p, enc.encode_params(p), loras=loras)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_names_are_checked_before_any_file_is_touched(tmp_path):
+    (tmp_path / "good.safetensors").write_bytes(b"x")
+    assert lora.locate(tmp_path, "good") == tmp_path / "good.safetensors"
+    for bad in ["../good", "a/b", "a\\b", "x\x00y", ".hidden", "n" * 129]:
+        with pytest.raises(BadLoraName):
+            lora.locate(tmp_path, bad)
+    with pytest.raises(UnknownLora, match="available: good"):
+        lora.locate(tmp_path, "missing")
+
+
+def fake(name: str, nbytes: int) -> Adapter:
+    return Adapter(name, nbytes, {}, [], 1)
+
+
+def test_cache_evicts_least_recently_used_by_count_and_by_bytes():
+    cache = AdapterCache(max_count=2, max_bytes=100)
+    a, b, c = fake("a", 10), fake("b", 10), fake("c", 10)
+    assert cache.put(a) == [] and cache.put(b) == []
+    assert cache.get("a") is a  # now b is the least recently used
+    assert cache.put(c) == ["b"] and cache.names == ["a", "c"]
+    assert cache.put(fake("big", 85)) == ["a"]  # 10 + 85 fits, 20 + 85 does not
+    assert cache.names == ["c", "big"] and cache.nbytes == 95
+
+
+def test_cache_never_evicts_a_pinned_adapter():
+    cache = AdapterCache(max_count=1, max_bytes=10**9)
+    a, b = fake("a", 1), fake("b", 1)
+    cache.put(a)
+    cache.pin(a)
+    assert cache.put(b) == [] and cache.names == ["a", "b"]  # over its count, a pinned
+    cache.pin(b)
+    assert cache.unpin(a) == ["a"] and cache.names == ["b"]
