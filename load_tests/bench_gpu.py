@@ -840,14 +840,17 @@ def markdown(result: dict) -> str:
         f"transformers {env.get('transformers')}, CUDA {env.get('cuda')}",
         f"- measured dense bf16 matmul: {env.get('matmul_bf16_tflops')} TFLOP/s",
         f"- runs per configuration after one warm-up: {result.get('runs')}",
-        "",
-        "Step: stock, the device time of one transformer forward (CUDA events); engine, "
-        "the wall time of one synchronised step (forward, guidance and Euler update).",
-        "",
-        "| config | path | e2e p50 ms | e2e p90 ms | step ms | step floor ms | MFU "
-        "| peak VRAM GiB |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    if any(result.get(path) for path in ("stock", "engine", "service")):  # Z-Image phases
+        lines += [
+            "",
+            "Step: stock, the device time of one transformer forward (CUDA events); engine, "
+            "the wall time of one synchronised step (forward, guidance and Euler update).",
+            "",
+            "| config | path | e2e p50 ms | e2e p90 ms | step ms | step floor ms | MFU "
+            "| peak VRAM GiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for config in result.get("configs", []):
         name = config["name"]
         for path in ("stock", "engine", "service"):

@@ -1,7 +1,9 @@
 """Where an SDXL step's time goes, compiled as served: per (batch, LoRA slots on/off) the
-synchronised step time, the host's launch time, the top kernels of one profiled step
-(attention's kernel among them) and Dynamo's graph counts; with PyTorch's SDPA free to
-pick its kernel, and with its math fallback forbidden.
+synchronised step time, the time until step() returns to the host (the ancestral noise's
+copy to the device waits for the step's kernels, so it is about the whole step), the top
+kernels of one profiled step by device time (their sum against the step's wall time says
+how long the GPU idles), and Dynamo's graph counts; with PyTorch's SDPA free to pick its
+kernel, and with its math fallback forbidden.
 
     python -m load_tests.probe_sdxl_step --out load_tests/results   # on a GPU
 
