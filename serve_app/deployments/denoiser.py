@@ -178,13 +178,6 @@ class Denoiser(Replica):
                 wrapped.add_done_callback(lambda _: self.adapters.release(adapters))
 
         queue_s, steps = started[0] - sent_at, recorder.step_seconds
-
-        def account() -> None:
-            for name, rec in recorder.stages.items():
-                self.metrics.stage(*self.labels, name, rec.seconds, rec.vram_peak_bytes)
-            self.metrics.stage(*self.labels, "queue", queue_s)
-            self.metrics.steps(*self.labels, steps, params.width, params.height)
-
         try:
             yield Generated(
                 images=images,
@@ -194,7 +187,15 @@ class Denoiser(Replica):
                 sent_at=time.time(),
             )
         finally:  # on another thread: the caller waits for this stream's end
-            self.accounting.submit(account).add_done_callback(_log_failure)
+            record = self.accounting.submit(self._account, params, recorder, queue_s)
+            record.add_done_callback(_log_failure)
+
+    def _account(self, params: GenerationParams, recorder, queue_s: float) -> None:
+        """The metrics of a finished request: its stages, queue time and steps."""
+        for name, rec in recorder.stages.items():
+            self.metrics.stage(*self.labels, name, rec.seconds, rec.vram_peak_bytes)
+        self.metrics.stage(*self.labels, "queue", queue_s)
+        self.metrics.steps(*self.labels, recorder.step_seconds, params.width, params.height)
 
     def _account_cancel(self, request_id, params, ended, token, step_seconds) -> None:
         total = params.num_inference_steps

@@ -66,3 +66,20 @@ def lora_family(request):
 def step_module(name: str, den):
     """A module each family's denoiser calls once per step (to count or hook steps)."""
     return den.transformer.t_embedder if name == "zimage" else den.unet
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with the "eager" backend, Dynamo reset before and after: Dynamo's
+    graphs and guards as compiled, without generating code (which does not change them)."""
+    import torch
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module,
+        "compile",
+        lambda self, *a, **k: compile_module(self, *a, **{**k, "backend": "eager"}),
+    )
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -100,40 +100,30 @@ def test_an_adapter_above_the_max_rank_is_refused(lora_family, tmp_path):
         small.read_adapter(path / "loras" / "tiny-style.safetensors")
 
 
-def test_swapping_adapters_and_scales_never_recompiles(lora_family, monkeypatch):
+def test_swapping_adapters_and_scales_never_recompiles(lora_family, eager_compile):
     """Compiled (Dynamo's graphs and guards; the "eager" backend skips code generation),
     warmed with the slots off and on: adapters, scales and none in any order, with and
     without guidance, run on the graphs the warm-up made."""
     family, enc, _, path = lora_family
     from serve_app.engine import load_denoiser
 
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(
-        torch.nn.Module,
-        "compile",
-        lambda self, *a, **k: compile_module(self, *a, **{**k, "backend": "eager"}),
+    den = load_denoiser(
+        MODELS[family], "cpu", "float32", compile=True, lora=LoraOptions(slots=2, max_rank=8)
     )
-    torch._dynamo.reset()
-    try:
-        den = load_denoiser(
-            MODELS[family], "cpu", "float32", compile=True, lora=LoraOptions(slots=2, max_rank=8)
-        )
-        den.warmup([(256, 256)])
-        found = adapters(path / "loras", den)
-        adapter, other = found["tiny-style"], found["tiny-kohya"]
-        base = FAMILY_PARAMS[family]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for loras, guidance in [
-                ([(adapter, 0.85)], base.guidance_scale),
-                ([(other, 0.4)], 0.0),
-                ([], base.guidance_scale),
-                ([(adapter, 1.3), (other, 0.2)], 0.0),
-                ([(other, 2.0)], base.guidance_scale),
-            ]:
-                p = replace(base, num_inference_steps=1, guidance_scale=guidance)
-                den.generate(p, enc.encode_params(p), loras=loras)
-    finally:
-        torch._dynamo.reset()
+    den.warmup([(256, 256)])
+    found = adapters(path / "loras", den)
+    adapter, other = found["tiny-style"], found["tiny-kohya"]
+    base = FAMILY_PARAMS[family]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for loras, guidance in [
+            ([(adapter, 0.85)], base.guidance_scale),
+            ([(other, 0.4)], 0.0),
+            ([], base.guidance_scale),
+            ([(adapter, 1.3), (other, 0.2)], 0.0),
+            ([(other, 2.0)], base.guidance_scale),
+        ]:
+            p = replace(base, num_inference_steps=1, guidance_scale=guidance)
+            den.generate(p, enc.encode_params(p), loras=loras)
 
 
 def test_names_are_checked_before_any_file_is_touched(tmp_path):

@@ -24,41 +24,31 @@ def test_warmup_runs_every_path_a_request_can_take(denoiser, monkeypatch):
     assert calls == [[40], [40, 40], [40, 8]]
 
 
-def test_after_warmup_no_request_recompiles(tiny_path, monkeypatch):
+def test_after_warmup_no_request_recompiles(tiny_path, eager_compile):
     """The compiled engine, warmed at its sizes, serves requests of other prompt lengths,
     guidance on and off, masked or not, without a recompilation (Dynamo's graphs and
     guards; the "eager" backend skips code generation, which does not change them)."""
     from serve_app.engine.zimage import ZImageDenoiser
 
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(
-        torch.nn.Module,
-        "compile",
-        lambda self, *a, **k: compile_module(self, *a, **{**k, "backend": "eager"}),
+    den = ZImageDenoiser.from_pretrained(
+        tiny_path, torch.device("cpu"), torch.float32, compile=True
     )
-    torch._dynamo.reset()
-    try:
-        den = ZImageDenoiser.from_pretrained(
-            tiny_path, torch.device("cpu"), torch.float32, compile=True
-        )
-        den.warmup([(256, 256), (320, 256)])
-        hidden = den.transformer.config.cap_feat_dim
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for size, guidance, n_prompt, n_negative in [
-                ((256, 256), 0.0, 65, None),
-                ((320, 256), 0.0, 7, None),
-                ((256, 256), 5.0, 65, 20),
-                ((256, 256), 5.0, 20, 65),
-                ((320, 256), 5.0, 100, 100),
-                ((256, 320), 5.0, 130, 3),
-            ]:
-                p = GenerationParams("x", None, *size, 2, guidance, 0)
-                emb = {"prompt": torch.zeros(n_prompt, hidden)}
-                if n_negative is not None:
-                    emb["negative"] = torch.zeros(n_negative, hidden)
-                den.generate(p, emb)
-    finally:
-        torch._dynamo.reset()
+    den.warmup([(256, 256), (320, 256)])
+    hidden = den.transformer.config.cap_feat_dim
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for size, guidance, n_prompt, n_negative in [
+            ((256, 256), 0.0, 65, None),
+            ((320, 256), 0.0, 7, None),
+            ((256, 256), 5.0, 65, 20),
+            ((256, 256), 5.0, 20, 65),
+            ((320, 256), 5.0, 100, 100),
+            ((256, 320), 5.0, 130, 3),
+        ]:
+            p = GenerationParams("x", None, *size, 2, guidance, 0)
+            emb = {"prompt": torch.zeros(n_prompt, hidden)}
+            if n_negative is not None:
+                emb["negative"] = torch.zeros(n_negative, hidden)
+            den.generate(p, emb)
 
 
 def test_fused_projections_draw_the_same_image_with_the_same_weight_memory(
