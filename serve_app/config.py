@@ -87,7 +87,7 @@ class ModelSettings(BaseModel):
     attention_backend: str = "native"
     compile: bool | Literal["auto"] = "auto"
     warmup_sizes: list[str] = Field(default_factory=list)
-    presets: dict[str, Preset] | None = None
+    presets: dict[str, Preset] | None = Field(None, min_length=1)
     default_preset: str | None = None
     lora_dir: str | None = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -147,3 +147,16 @@ class AppConfig(BaseModel):
         if repeated:
             raise ValueError(f"model ids must be unique; repeated: {', '.join(repeated)}")
         return models
+
+    @model_validator(mode="after")
+    def _presets_within_limits(self) -> "AppConfig":
+        for model in self.models:
+            for name, p in (model.presets or {}).items():
+                for side in (p.width, p.height):
+                    if not self.min_side <= side <= self.max_side:
+                        raise ValueError(
+                            f"model {model.id!r}: preset {name!r} is {p.width}x{p.height}; "
+                            f"sides must be from min_side {self.min_side} to max_side "
+                            f"{self.max_side}"
+                        )
+        return self

@@ -88,14 +88,14 @@ class Adapters:
 
         try:
             path = locate(self.folder, name)
-            stamp = _stamp(path)
+            stamp = _stamp(path, name, self.available)
         except LoraError:
             self.metrics.lora(*self.labels, "error")
             raise
         refused = self._refused.get(name)
         if refused is not None and refused[0] == stamp:
             self.metrics.lora(*self.labels, "error")
-            raise refused[1]
+            raise type(refused[1])(*refused[1].args)  # a fresh one: no traceback to grow
         adapter = self.cache.get(name)
         if adapter is not None and adapter.stamp == stamp:
             self.hits[name] += 1
@@ -141,12 +141,17 @@ class Adapters:
         return adapter
 
     def describe(self) -> dict:
+        """For the replica's describe(); call it on the event loop, which alone changes
+        the cache."""
+        listed = []
+        for name, path in self.available().items():
+            try:
+                listed.append({"name": name, "bytes": path.stat().st_size})
+            except FileNotFoundError:  # removed since it was listed
+                continue
         return {
             "dir": str(self.folder) if self.folder is not None else None,
-            "available": [
-                {"name": name, "bytes": path.stat().st_size}
-                for name, path in self.available().items()
-            ],
+            "available": listed,
             "resident": self.cache.names,
             "resident_bytes": self.cache.nbytes,
             "loads": dict(self.loads),
@@ -156,7 +161,13 @@ class Adapters:
         }
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    """What tells a replaced file from the one loaded: modification time and size."""
-    st = path.stat()
+def _stamp(path: Path, name: str, available) -> tuple[int, int]:
+    """What tells a replaced file from the one loaded: modification time and size.
+    A file removed since it was found is unknown (`available` lists what is left)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        from serve_app.errors import UnknownLora
+
+        raise UnknownLora(name, sorted(available())) from None
     return st.st_mtime_ns, st.st_size

@@ -86,6 +86,7 @@ class Denoiser(Replica):
         )
 
     def _check_presets(self) -> None:
+        """Every preset drawable by this model, the default among them; refused at start."""
         presets = self.presets_offered()
         if self.default_preset is None:
             self.default_preset = (
@@ -96,6 +97,18 @@ class Denoiser(Replica):
                 f"model {self.model_id!r}: default_preset {self.default_preset!r} is not "
                 f"among its presets: {', '.join(presets)}"
             )
+        multiple, slots = self.engine.side_multiple, self.adapters.settings.slots
+        for name, preset in presets.items():
+            if preset["width"] % multiple or preset["height"] % multiple:
+                raise ValueError(
+                    f"model {self.model_id!r}: preset {name!r} is {preset['width']}x"
+                    f"{preset['height']}; this model's sides are multiples of {multiple}"
+                )
+            if len(preset["loras"]) > slots:
+                raise ValueError(
+                    f"model {self.model_id!r}: preset {name!r} names {len(preset['loras'])} "
+                    f"LoRAs; lora.slots is {slots}"
+                )
 
     def presets_offered(self) -> dict[str, dict]:
         """The model's presets; an adapter of a preset stays only while its file is in
@@ -129,8 +142,12 @@ class Denoiser(Replica):
         from serve_app.engine.embeddings import from_arrays
         from serve_app.engine.stages import StageRecorder
 
-        adapters = await self.adapters.acquire(params.loras)
         token, recorder = CancelToken(), StageRecorder(self.engine.device)
+        try:
+            adapters = await self.adapters.acquire(params.loras)  # releases what it took
+        except asyncio.CancelledError:  # left while its adapter was loading: never queued
+            self._account_cancel(request_id, params, Cancelled("queued"), token, [])
+            raise
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         started: list[float] = []
         loras = [(a, c.scale) for a, c in zip(adapters, params.loras, strict=True)]
@@ -146,7 +163,11 @@ class Denoiser(Replica):
                 params, embeddings, token, recorder, progress=report, loras=loras
             )
 
-        fut = self.worker.submit(job)
+        try:
+            fut = self.worker.submit(job)
+        except BaseException:
+            self.adapters.release(adapters)
+            raise
         self.metrics.queue_depth.set(self.worker.waiting)
         wrapped, getter = asyncio.wrap_future(fut), None
         try:
@@ -218,7 +239,8 @@ class Denoiser(Replica):
             },
         )
 
-    def describe(self) -> dict:
+    async def describe(self) -> dict:
+        """On the event loop (async), which alone changes the adapter cache."""
         from serve_app.engine import family_module
 
         return {

@@ -15,6 +15,7 @@ its steps, so requests with different adapters or scales never see each other's.
 
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,10 @@ class LoraSlots:
         model.requires_grad_(False)
         self.enabled = True
         self._enable(False)
-        self._held: list[Adapter | None] = [None] * slots
-        self._scale: list[float] = [0.0] * slots
+        # What each slot holds, by weak reference: a slot does not keep an evicted
+        # adapter's weights alive (its own copy of them is the slot's fixed memory).
+        self._held: list[weakref.ref | None] = [None] * slots
+        self._scale: list[float | None] = [0.0] * slots
 
     def misfit(self, module: str, a_shape: tuple, b_shape: tuple) -> str | None:
         """Why an adapter's (lora_A, lora_B) for `module` cannot go into a slot, or None."""
@@ -164,10 +167,11 @@ class LoraSlots:
             raise ValueError(f"{len(choices)} adapters for {len(self.names)} slots")
         self._enable(bool(choices))
         for j, slot in enumerate(self.names):
-            adapter, scale = choices[j] if j < len(choices) else (self._held[j], 0.0)
-            if adapter is not self._held[j]:
+            held = self._held[j]() if self._held[j] is not None else None
+            adapter, scale = choices[j] if j < len(choices) else (held, 0.0)
+            if adapter is not held:
                 self._copy(slot, adapter)
-                self._held[j], self._scale[j] = adapter, None
+                self._held[j], self._scale[j] = weakref.ref(adapter), None
             if scale != self._scale[j]:
                 for module, layer in self.layers.items():
                     weights = adapter.modules.get(module) if adapter is not None else None
@@ -258,7 +262,10 @@ def read_adapter(
             get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha
         )
         scale = alpha / (math.sqrt(rank) if config.use_rslora else rank)
-        a, b = a.to(device, dtype), b.to(device, dtype)
+        try:
+            a, b = a.to(device, dtype), b.to(device, dtype)
+        except torch.OutOfMemoryError:
+            raise refuse("the device has no memory left for it now; retry later") from None
         modules[module] = (a, b, float(scale))
         nbytes += a.numel() * a.element_size() + b.numel() * b.element_size()
     if len(modules) * 2 != len(ours):

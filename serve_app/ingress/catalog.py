@@ -16,6 +16,9 @@ DESCRIBE_TIMEOUT_S = 10.0
 # How often the adapter listing may be asked again when a request names one not in it
 # (a file an operator just added), so that unknown names cannot flood the replicas.
 LORA_REFRESH_S = 2.0
+# How old a model's facts may get before a request asks for them again, in the
+# background (presets follow their adapters' files, listings their folders).
+FACTS_REFRESH_S = 30.0
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Catalog:
         self.config, self.encoders, self.denoisers = config, encoders, denoisers
         self.ids = [m.id for m in config.models]
         self._models: dict[str, Model] = {}
+        self._refreshing: dict[str, asyncio.Future] = {}
         self._on_first_sight = on_first_sight
 
     def known(self, model_id: str | None) -> str:
@@ -106,20 +110,35 @@ class Catalog:
             raise NotReady(f"the replicas of model '{model_id}' are not ready ({exc!r})") from exc
 
     async def model(self, model_id: str) -> Model:
-        """The model's facts, asked once and kept."""
+        """The model's facts: asked once, then again in the background when older than
+        FACTS_REFRESH_S (the answer in hand serves meanwhile)."""
         model = self._models.get(model_id)
         if model is None:
-            model = await self._ask(model_id)
+            return await self._ask(model_id)
+        stale = time.monotonic() - model.asked_at > FACTS_REFRESH_S
+        if stale and model_id not in self._refreshing:
+            task = asyncio.ensure_future(self._ask(model_id))
+            self._refreshing[model_id] = task
+            task.add_done_callback(lambda t, m=model_id: self._refreshed(m, t))
         return model
+
+    def _refreshed(self, model_id: str, task: asyncio.Future) -> None:
+        self._refreshing.pop(model_id, None)
+        if not task.cancelled():
+            task.exception()  # a failed refresh keeps the facts in hand; next time again
 
     async def with_loras(self, model_id: str, names: list[str]) -> Model:
         """The model's facts, asked again (at most every LORA_REFRESH_S) if they do not
-        list every adapter in `names`: a file may have been added since."""
+        list every adapter in `names`: a file may have been added since. If the replicas
+        do not answer, the facts in hand judge the names."""
         model = await self.model(model_id)
         listed = {lora["name"] for lora in model.loras}
         if set(names) <= listed or time.monotonic() - model.asked_at < LORA_REFRESH_S:
             return model
-        return await self._ask(model_id)
+        try:
+            return await self._ask(model_id)
+        except NotReady:
+            return model
 
     async def _ask(self, model_id: str) -> Model:
         enc, den = await self.describe(model_id)

@@ -104,7 +104,7 @@ def test_swapping_adapters_and_scales_never_recompiles(lora_family, eager_compil
     """Compiled (Dynamo's graphs and guards; the "eager" backend skips code generation),
     warmed with the slots off and on: adapters, scales and none in any order, with and
     without guidance, run on the graphs the warm-up made."""
-    family, enc, _, path = lora_family
+    family, enc, plain, path = lora_family
     from serve_app.engine import load_denoiser
 
     den = load_denoiser(
@@ -123,7 +123,12 @@ def test_swapping_adapters_and_scales_never_recompiles(lora_family, eager_compil
             ([(other, 2.0)], base.guidance_scale),
         ]:
             p = replace(base, num_inference_steps=1, guidance_scale=guidance)
-            den.generate(p, enc.encode_params(p), loras=loras)
+            got = den.generate(p, enc.encode_params(p), loras=loras)[0]
+            # The graphs use each request's own adapters and scales: the same pixels as
+            # the uncompiled model's for the same adapters.
+            mine = [(plain.read_adapter(path / "loras" / f"{a.name}.safetensors"), s)
+                    for a, s in loras]  # fmt: skip
+            np.testing.assert_array_equal(got, draw(enc, plain, p, mine))
 
 
 def test_names_are_checked_before_any_file_is_touched(tmp_path):
@@ -158,3 +163,62 @@ def test_cache_never_evicts_a_pinned_adapter():
     assert cache.put(b) == [] and cache.names == ["a", "b"]  # over its count, a pinned
     cache.pin(b)
     assert cache.unpin(a) == ["a"] and cache.names == ["b"]
+
+
+@pytest.mark.parametrize("name", ["tiny-style", "tiny-kohya"])
+def test_an_adapter_draws_what_the_stock_pipeline_draws_with_it(lora_family, name):
+    """The same file through diffusers' own pipeline (load_lora_weights + set_adapters,
+    its PEFT layers): our slots give its pixels, for both formats and families."""
+    from diffusers import DiffusionPipeline
+
+    family, enc, den, path = lora_family
+    p = replace(FAMILY_PARAMS[family], num_inference_steps=3)
+    pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path / "loras" / f"{name}.safetensors"), adapter_name="x")
+    pipe.set_adapters(["x"], [0.85])
+    ref = pipe(
+        p.prompt,
+        height=p.height,
+        width=p.width,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(p.seed),
+        output_type="np",
+    ).images[0]
+    ref = (ref * 255).round().astype("uint8")
+    adapter = den.read_adapter(path / "loras" / f"{name}.safetensors")
+    ours = draw(enc, den, p, [(adapter, 0.85)])
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+    assert differ(ours, draw(enc, den, p)) > 1  # and the adapter changed the image
+
+
+def test_a_smaller_rank_after_a_larger_one_in_the_same_slot(lora_family, tmp_path):
+    """A slot holds rank `max_rank`: an adapter of rank 2 after one of rank 4 must not
+    meet the rest of the first one's matrices."""
+    from serve_app.engine.tiny import random_lora
+
+    family, enc, den, path = lora_family
+    p = replace(FAMILY_PARAMS[family], num_inference_steps=2)
+    with torch.device("meta"):  # the model's layers without the slots wrapped round them
+        bare = type(den.model).from_config(den.model.config)
+    state, config = random_lora(bare, den.lora_family.targets, 2, 2, seed=5, dtype=torch.float32)
+    den.lora_family.loader.save_lora_weights(
+        tmp_path,
+        weight_name="rank2.safetensors",
+        **{f"{den.lora_family.prefix}_lora_layers": state},
+        **{f"{den.lora_family.prefix}_lora_adapter_metadata": config},
+    )
+    small = den.read_adapter(tmp_path / "rank2.safetensors")
+    large = den.read_adapter(path / "loras" / "tiny-style.safetensors")
+    assert (small.rank, large.rank) == (2, 4)
+    draw(enc, den, p, [(large, 1.0)])  # the slot now holds rank 4
+    after = draw(enc, den, p, [(small, 1.0)])
+    draw(enc, den, p, [])
+    with torch.no_grad():  # empty slots, as if the rank-4 adapter had never been there
+        for layer in den.lora.layers.values():
+            for slot in den.lora.names:
+                layer.lora_A[slot].weight.zero_()
+                layer.lora_B[slot].weight.zero_()
+    den.lora._held = [None] * len(den.lora.names)
+    np.testing.assert_array_equal(draw(enc, den, p, [(small, 1.0)]), after)
