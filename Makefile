@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
 
-.PHONY: install serve test prometheus report lint format bench clean
+.PHONY: install serve test prometheus browser report lint format bench clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -18,18 +18,19 @@ install: $(VENV)/.installed
 serve: install
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/serve $(CONFIG)
 
-# The observability tests run a real Prometheus server: Debian's package, installed as
-# root here and in CI; elsewhere, put `prometheus` and `promtool` on PATH first.
-test: prometheus
+# The observability tests run a real Prometheus server and the page's tests a real
+# browser: Debian's packages, installed as root here and in CI; elsewhere, put
+# `prometheus`, `promtool` and `chromium` on PATH first.
+test: prometheus browser
 test: install
 	$(BIN)/python -m pytest
 
 prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  [ "$$(id -u)" = 0 ] || { echo "make test needs Prometheus: sudo apt-get install prometheus" >&2; exit 1; }; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -q --no-install-recommends prometheus || \
-	  { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  scripts/apt-install prometheus
+
+browser:
+	@command -v chromium >/dev/null || scripts/apt-install chromium
 
 # Stage-by-stage latency and VRAM peaks of a running service, e.g.
 #   make report REPORT_ARGS='--config 1024x1024 --out report.md'

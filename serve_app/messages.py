@@ -20,6 +20,7 @@ class GenerationParams:
         seed: seed of the initial noise; the same seed gives the same image.
         num_images: images drawn from this prompt in one call.
         loras: style adapters to apply, each with its scale.
+        partial_images: previews of the first image to stream while drawing (0-3).
     """
 
     prompt: str
@@ -31,6 +32,7 @@ class GenerationParams:
     seed: int
     num_images: int = 1
     loras: tuple["LoraChoice", ...] = ()
+    partial_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ class Progress:
     stage: str
     steps_done: int
     steps_total: int
+
+
+@dataclass
+class Preview:
+    """Streamed by the denoiser: a cheap look at the first image mid-way.
+
+    Args:
+        index: 0, 1, 2 in order.
+        steps_done: the steps it shows.
+        pixels: HxWx3 uint8 at the latents' resolution (an eighth of the image's sides).
+    """
+
+    index: int
+    steps_done: int
+    pixels: np.ndarray
 
 
 @dataclass

@@ -80,8 +80,12 @@ class ImageRequest(BaseModel):
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "webp", "jpeg"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
-    stream: bool = Field(False, description="Server-sent events with progress.")
-    partial_images: int = Field(0, ge=0, le=3, description="Partial images when streaming.")
+    stream: bool = Field(
+        False, description="Server-sent events: progress each step, previews, the image."
+    )
+    partial_images: int = Field(
+        0, ge=0, le=3, description="Previews streamed before the image (with stream)."
+    )
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     negative_prompt: str | None = Field(None, max_length=20_000)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
@@ -192,6 +196,7 @@ def resolve(
         seed=secrets.randbelow(2**53) if req.seed is None else req.seed,
         num_images=req.n,
         loras=requested_loras(req, preset),
+        partial_images=req.partial_images if req.stream else 0,
     )
 
 

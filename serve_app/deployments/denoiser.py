@@ -15,7 +15,7 @@ from serve_app.config import ModelSettings
 from serve_app.deployments.adapters import Adapters
 from serve_app.deployments.replica import Replica
 from serve_app.errors import Cancelled, DoesNotFit
-from serve_app.messages import EncodedPrompt, Generated, GenerationParams, Progress
+from serve_app.messages import EncodedPrompt, Generated, GenerationParams, Preview, Progress
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,9 +125,10 @@ class Denoiser(Replica):
 
     async def generate(
         self, request_id: str, params: GenerationParams, prompt: EncodedPrompt, sent_at: float
-    ) -> AsyncIterator[Progress | Generated]:
-        """Stream Progress events, then one Generated. Call with `stream=True` and, for a
-        request with adapters, `multiplexed_model_id` set to its first adapter's name.
+    ) -> AsyncIterator[Progress | Preview | Generated]:
+        """Stream Progress events (and the Previews asked for), then one Generated. Call
+        with `stream=True` and, for a request with adapters, `multiplexed_model_id` set
+        to its first adapter's name.
 
         Args:
             request_id: for logs and cancel records.
@@ -155,13 +156,14 @@ class Denoiser(Replica):
         def report(stage: str, done: int, total: int) -> None:
             loop.call_soon_threadsafe(events.put_nowait, Progress(stage, done, total))
 
+        def preview(index: int, done: int, pixels) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, Preview(index, done, pixels))
+
         def job():
             started.append(time.time())
             report("denoise", 0, params.num_inference_steps)
             embeddings = from_arrays(prompt.tensors, prompt.dtypes)
-            return self.engine.generate(
-                params, embeddings, token, recorder, progress=report, loras=loras
-            )
+            return self.engine.generate(params, embeddings, token, recorder, report, loras, preview)
 
         try:
             fut = self.worker.submit(job)

@@ -62,6 +62,7 @@ class Denoiser:
         self.progress_when_queued = device.type == "cuda"
         # The stock pipelines' vae_scale_factor (8 for 4 blocks).
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._preview_map: torch.Tensor | None = None  # see fit_preview
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -102,6 +103,7 @@ class Denoiser:
         recorder: StageRecorder | None = None,
         progress: loop.ProgressFn | None = None,
         loras: list[tuple[Adapter, float]] = (),
+        on_preview: loop.PreviewFn | None = None,
         **sampling_kwargs,
     ) -> list[np.ndarray]:
         """Draw `params.num_images` images; returns HxWx3 uint8 arrays.
@@ -111,6 +113,7 @@ class Denoiser:
             embeddings: the family encoder's output for `params`.
             cancel, recorder, progress: see loop.generate.
             loras: (adapter, scale) pairs this call applies, at most one per slot.
+            on_preview: told of `params.partial_images` previews of the first image.
             sampling_kwargs: family options of `sampling` (e.g. Z-Image's `sigmas`).
 
         Raises: see loop.generate.
@@ -125,11 +128,34 @@ class Denoiser:
             return self.sampling(params, embeddings, **sampling_kwargs)
 
         return loop.generate(
-            prepare, params, self.device, cancel, recorder, progress, self.progress_when_queued
+            prepare,
+            params,
+            self.device,
+            cancel,
+            recorder,
+            progress,
+            self.progress_when_queued,
+            self.preview,
+            on_preview,
         )
 
     def sampling(self, params: GenerationParams, embeddings: dict, **kwargs) -> loop.Sampling:
         raise NotImplementedError
+
+    def to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the model's space as the VAE decoder takes them."""
+        raise NotImplementedError
+
+    def preview(self, latents: torch.Tensor) -> np.ndarray:
+        """The first image of `latents` as a cheap RGB preview (see preview_pixels)."""
+        if self._preview_map is None:
+            self._preview_map = self.fit_preview()
+        return preview_pixels(latents, self._preview_map)
+
+    def fit_preview(self) -> torch.Tensor:
+        """This model's preview map (see fit_preview_map)."""
+        channels = self.model.config.in_channels
+        return fit_preview_map(self.vae, self.to_vae, channels, self.vae_scale_factor, self.device)
 
     def warmup(self, sizes: list[tuple[int, int]]) -> dict[str, float]:
         """Run `warmup_calls` for each (width, height), with the LoRA slots off and on,
@@ -145,7 +171,34 @@ class Denoiser:
             took[f"{width}x{height}"] = round(time.perf_counter() - began, 3)
         if self.lora is not None:
             self.lora.activate([])
+        self._preview_map = self.fit_preview()  # here, not on a request's critical path
         return took
 
     def warmup_calls(self, width: int, height: int) -> list[tuple[GenerationParams, dict]]:
         raise NotImplementedError
+
+
+@torch.no_grad()
+def preview_pixels(latents: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+    """The first image of `latents` [images, channels, h, w] as HxWx3 uint8 through a
+    linear map of its channels (`weights`: [channels + 1, 3], the offset last), at the
+    latents' resolution: a few small kernels where a VAE decode is hundreds."""
+    weights = weights.to(latents.device)
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float(), weights[:-1]) + weights[-1]
+    return ((rgb * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def fit_preview_map(vae, to_vae, channels: int, scale: int, device) -> torch.Tensor:
+    """The preview's map for a VAE: least squares of what it decodes from random latents
+    (in the model's space, turned into the decoder's input by `to_vae`), each `scale` x
+    `scale` pixel block averaged down to its latent. Fitted once per model, from the
+    model's own VAE: no coefficients to ship or look up, for any family."""
+    generator = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(4, channels, 16, 16, generator=generator).to(device)
+    image = vae.decode(to_vae(latents), return_dict=False)[0].float()
+    blocks = torch.nn.functional.avg_pool2d(image, scale)
+    inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu()
+    targets = blocks.permute(0, 2, 3, 1).reshape(-1, 3).cpu()
+    inputs = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)
+    return torch.linalg.lstsq(inputs, targets).solution

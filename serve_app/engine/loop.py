@@ -20,6 +20,9 @@ from serve_app.messages import GenerationParams
 
 # Called with (stage, steps_done, steps_total) after each step and when decoding starts.
 ProgressFn = Callable[[str, int, int], None]
+# Called with (index, steps_done, pixels) for each preview: HxWx3 uint8, at the latents'
+# resolution (an eighth of the image's sides).
+PreviewFn = Callable[[int, int, np.ndarray], None]
 
 
 class Sampling(Protocol):
@@ -27,6 +30,7 @@ class Sampling(Protocol):
 
     num_steps: int  # iterations of the loop
     num_images: int
+    latents: torch.Tensor  # [images, channels, h, w], in the model's space
 
     def skips(self, i: int) -> bool:
         """Whether step `i` cannot change the latents and is left out."""
@@ -46,6 +50,8 @@ def generate(
     recorder: StageRecorder | None = None,
     progress: ProgressFn | None = None,
     progress_when_queued: bool = False,
+    preview: Callable[[torch.Tensor], np.ndarray] | None = None,
+    on_preview: PreviewFn | None = None,
 ) -> list[np.ndarray]:
     """Prepare a request's sampling, run its steps and decode its images.
 
@@ -60,6 +66,9 @@ def generate(
             device instead of at the step boundary: the listener (a replica's event loop)
             then takes the GIL while the device is busy, not while it waits for the
             next launches. On a CPU work runs as it is called: tell at once there.
+        preview: latents -> the first image's preview (see Denoiser.preview).
+        on_preview: told of `params.partial_images` previews, spread over the steps
+            (see preview_steps), in order with the progress reports.
 
     Returns: HxWx3 uint8 arrays, one per image.
 
@@ -70,7 +79,8 @@ def generate(
     cancel = cancel or CancelToken()
     recorder = recorder or StageRecorder(device)
     try:
-        return _run(prepare, params, cancel, recorder, progress, progress_when_queued)
+        previews = (preview, on_preview) if preview and on_preview else None
+        return _run(prepare, params, cancel, recorder, progress, progress_when_queued, previews)
     except Cancelled as exc:
         stopped = exc.args
     except torch.OutOfMemoryError:
@@ -87,22 +97,34 @@ def generate(
     raise Cancelled(*stopped)
 
 
+def preview_steps(steps: int, count: int) -> list[int]:
+    """After which steps (counted from 1) `count` previews are drawn: spread evenly, none
+    after the last step (the image itself comes then); fewer where steps are few."""
+    spread = {round(steps * (j + 1) / (count + 1)) for j in range(count)}
+    return sorted(n for n in spread if 1 <= n < steps)
+
+
 @torch.no_grad()
-def _run(prepare, params, cancel, recorder, progress, when_queued) -> list[np.ndarray]:
+def _run(prepare, params, cancel, recorder, progress, when_queued, previews) -> list[np.ndarray]:
     progress = progress or (lambda *_: None)
     cancel.check("queued", 0, params.num_inference_steps)
     sampling = prepare()
     steps = sampling.num_steps
-    told: list[tuple[str, int, int]] = []
+    told: list[Callable[[], None]] = []
+    at = preview_steps(steps, params.partial_images) if previews else []
 
     def tell(stage: str, done: int) -> None:
-        told.append((stage, done, steps))
+        told.append(lambda: progress(stage, done, steps))
+        if done in at and stage == "denoise":
+            # Drawn now, between steps (the step has synchronised); told in order.
+            index, pixels = at.index(done), previews[0](sampling.latents)
+            told.append(lambda: previews[1](index, done, pixels))
         if not when_queued:
             flush()
 
     def flush() -> None:
         for report in told:
-            progress(*report)
+            report()
         told.clear()
 
     with recorder.stage("denoise"):

@@ -15,7 +15,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from serve_app.errors import Cancelled
 from serve_app.imaging import encode_image
 from serve_app.inflight import DuplicateRequestId
-from serve_app.messages import Generated, GenerationParams, Progress
+from serve_app.messages import Generated, GenerationParams, Preview, Progress
 
 logger = logging.getLogger("ray.serve")
 
@@ -73,7 +73,7 @@ async def _call(response: DeploymentResponse):
         raise
 
 
-async def _settle(task: asyncio.Future) -> None:
+async def settle(task: asyncio.Future) -> None:
     """Wait for a task we cancelled to unwind, even if we are cancelled meanwhile."""
     while not task.done():
         try:
@@ -103,15 +103,18 @@ class Flow:
         params: GenerationParams,
         encoding: Encoding,
         state: State,
-        on_progress: Callable[[Progress], None] | None = None,
+        on_event: Callable[[Progress | Preview], None] | None = None,
     ) -> Result:
         """Run a request while listening for a cancel by id (from any ingress replica).
+
+        Args:
+            on_event: told of each Progress and Preview the denoiser streams.
 
         Raises: Cancelled when cancelled by id; DuplicateRequestId; what the replicas
         raise. A client that leaves cancels this coroutine, and with it everything.
         """
         work = asyncio.ensure_future(
-            self._run(request_id, model_id, params, encoding, state, on_progress)
+            self._run(request_id, model_id, params, encoding, state, on_event)
         )
         listen, report = None, None
         try:
@@ -123,7 +126,7 @@ class Flow:
             else:
                 if not opened:
                     work.cancel()
-                    await _settle(work)
+                    await settle(work)
                     raise DuplicateRequestId(request_id)
                 listen = asyncio.ensure_future(_call(self.inflight.watch.remote(request_id)))
             await asyncio.wait({work, listen} - {None}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,14 +139,14 @@ class Flow:
             )
             if cancel_requested and not work.done():
                 work.cancel()
-                await _settle(work)
+                await settle(work)
                 report = state.report()
                 raise Cancelled(state.stage, state.steps_done, state.steps_total)
-            await _settle(work)  # if the watch failed, the request still runs to the end
+            await settle(work)  # if the watch failed, the request still runs to the end
             return work.result()
         except asyncio.CancelledError:  # the client left
             work.cancel()
-            await _settle(work)
+            await settle(work)
             report = state.report()
             raise
         finally:
@@ -151,7 +154,7 @@ class Flow:
                 listen.cancel()  # cancels the pending watch call too
                 self.inflight.close.remote(request_id, report)
 
-    async def _run(self, request_id, model_id, params, encoding, state, on_progress) -> Result:
+    async def _run(self, request_id, model_id, params, encoding, state, on_event) -> Result:
         state.stage = "encode"
         called = time.monotonic()
         prompt = await _call(self.encoders[model_id].encode.remote(request_id, params))
@@ -174,8 +177,11 @@ class Flow:
             async for event in stream:
                 if isinstance(event, Progress):
                     state.stage, state.steps_done = event.stage, event.steps_done
-                    if on_progress is not None:
-                        on_progress(event)
+                    if on_event is not None:
+                        on_event(event)
+                elif isinstance(event, Preview):
+                    if on_event is not None:
+                        on_event(event)
                 elif isinstance(event, Generated):
                     result, received_at = event, time.time()
                     # Encoded while the stream closes behind its last message (1-2 ms

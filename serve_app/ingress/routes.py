@@ -28,7 +28,8 @@ from serve_app.ingress.errors import (
     error_body,
     error_response,
 )
-from serve_app.ingress.flow import Encoding, Flow, State
+from serve_app.ingress.flow import Encoding, Flow, State, settle
+from serve_app.ingress.streaming import stream_answer
 from serve_app.messages import GenerationParams
 from serve_app.metrics import Metrics
 from serve_app.schema import ImageRequest, InvalidRequest, parse_request, resolve
@@ -204,35 +205,102 @@ class Ingress:
                 _check_loras(params, model)
             state = State("queued", 0, params.num_inference_steps)
             encoding = Encoding(req.output_format, req.output_compression, b64=not raw)
+            if req.stream:
+                return await self._stream(request_id, model, params, req, encoding, state, started)
             result = await self.flow.run(request_id, model.id, params, encoding, state)
         except BaseException as exc:
-            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
-            if outcome is None:
-                response, outcome = error_response(exc, request_id)
-            labels = (model.family, model.id) if model else ("unknown", "unknown")
-            if isinstance(cause(exc), BackPressureError):  # a full queue turned it away
-                self.metrics.rejected(*labels)
-            self.metrics.request(*labels, outcome)
-            e2e = time.monotonic() - started
-            log_request(request_id, outcome, labels[1], params, state, e2e)
+            response = self._failed(exc, request_id, model, params, state, started)
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             return response
-
-        e2e = time.monotonic() - started
-        timings = {**result.timings_ms, "encode_image": round(result.encode_image_s * 1000, 3)}
-        timings["e2e"] = round(e2e * 1000, 3)
-
-        def account() -> None:  # after the answer is sent: off the request's latency
-            self.metrics.stage(model.family, model.id, "encode_image", result.encode_image_s)
-            self.metrics.stage(model.family, model.id, "e2e", e2e)
-            self.metrics.request(model.family, model.id, "ok")
-            log_request(request_id, "ok", model.id, params, state, e2e, timings, result.vram)
-
-        after = BackgroundTask(account)
+        timings = self._timings(result, started)
+        after = BackgroundTask(self._succeeded, request_id, model, params, state, result, timings)
         if raw:
             return image_answer(req.output_format, params, result, timings, after)
         return json_answer(request_id, model.id, req.output_format, params, result, timings, after)
+
+    async def _stream(self, request_id, model: Model, params, req, encoding, state, started):
+        """Start the generation and answer with its events once it runs; what fails
+        before its first event is answered as JSON, like a request without stream."""
+        events: asyncio.Queue = asyncio.Queue()
+        work = asyncio.ensure_future(
+            self.flow.run(request_id, model.id, params, encoding, state, events.put_nowait)
+        )
+        first = asyncio.ensure_future(events.get())
+        try:
+            await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client left before it started
+            first.cancel()
+            work.cancel()
+            await settle(work)
+            raise
+        if not first.done():
+            first.cancel()
+            work.result()  # raises: the caller answers with the error as JSON
+
+        def completed_fields(result) -> dict:
+            return {
+                "id": request_id,
+                "model": model.id,
+                "seed": params.seed,
+                "num_inference_steps": params.num_inference_steps,
+                "guidance_scale": params.guidance_scale,
+                "loras": [{"name": c.name, "scale": c.scale} for c in params.loras],
+                "timings": self._timings(result, started),
+                "vram": result.vram,
+            }
+
+        def on_end(exc: BaseException | None, result) -> dict | None:
+            if exc is None:
+                timings = self._timings(result, started)
+                self._succeeded(request_id, model, params, state, result, timings)
+                return None
+            response = self._failed(exc, request_id, model, params, state, started)
+            return json.loads(response.body)
+
+        async def stop() -> None:
+            work.cancel()
+            await settle(work)
+
+        return stream_answer(
+            first.result(),
+            events,
+            work,
+            params,
+            req.output_format,
+            req.output_compression,
+            started,
+            completed_fields,
+            on_end,
+            stop,
+        )
+
+    @staticmethod
+    def _timings(result, started: float) -> dict:
+        timings = {**result.timings_ms, "encode_image": round(result.encode_image_s * 1000, 3)}
+        timings["e2e"] = round((time.monotonic() - started) * 1000, 3)
+        return timings
+
+    def _succeeded(self, request_id, model: Model, params, state, result, timings) -> None:
+        """Metrics and the log line of an answered request (after the answer is sent)."""
+        e2e = timings["e2e"] / 1000
+        self.metrics.stage(model.family, model.id, "encode_image", result.encode_image_s)
+        self.metrics.stage(model.family, model.id, "e2e", e2e)
+        self.metrics.request(model.family, model.id, "ok")
+        log_request(request_id, "ok", model.id, params, state, e2e, timings, result.vram)
+
+    def _failed(self, exc, request_id, model: Model | None, params, state, started) -> Response:
+        """The answer, metrics and log line of a request that ended otherwise."""
+        outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
+        response = None
+        if outcome is None:
+            response, outcome = error_response(exc, request_id)
+        labels = (model.family, model.id) if model else ("unknown", "unknown")
+        if isinstance(cause(exc), BackPressureError):  # a full queue turned it away
+            self.metrics.rejected(*labels)
+        self.metrics.request(*labels, outcome)
+        log_request(request_id, outcome, labels[1], params, state, time.monotonic() - started)
+        return response
 
     async def _json(self, request: Request) -> object:
         body = await request.body()
@@ -246,8 +314,13 @@ class Ingress:
             ) from None
 
     def _params(self, req: ImageRequest, model: Model, raw: bool) -> GenerationParams:
-        if req.stream:
-            raise InvalidRequest("stream=true is not supported yet; omit it", "stream")
+        if raw and req.stream:
+            raise InvalidRequest(
+                "POST /generate answers image bytes; stream on POST /v1/images/generations",
+                "stream",
+            )
+        if req.stream and req.n > 1:
+            raise InvalidRequest("stream=true draws one image; use n=1", "n")
         if raw and req.n > 1:
             raise InvalidRequest("POST /generate answers one image; use n=1", "n")
         return resolve(req, model.presets, model.default_preset, model.limits)

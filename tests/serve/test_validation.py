@@ -127,7 +127,8 @@ CASES = [
         "lora.scale",
         "less than or equal to 2",
     ),
-    ("stream", {**OK, "stream": True}, 400, "stream", "not supported yet"),
+    ("stream of two", {**OK, "stream": True, "n": 2}, 400, "n", "draws one image"),
+    ("partial images 4", {**OK, "stream": True, "partial_images": 4}, 400, "partial_images", "3"),
 ]
 
 

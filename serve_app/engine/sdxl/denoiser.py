@@ -92,6 +92,19 @@ class SDXLDenoiser(Denoiser):
         # The UNet halves the latents at each level but the last.
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = latents.to(vae.dtype)
+        mean, std = (
+            getattr(vae.config, "latents_mean", None),
+            getattr(vae.config, "latents_std", None),
+        )
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            return latents * std / vae.config.scaling_factor + mean
+        return latents / vae.config.scaling_factor
+
     def warmup_calls(self, width: int, height: int):
         """Without guidance (batch 1) and with it (batch 2)."""
         config, dtype = self.unet.config, self.unet.dtype
@@ -179,16 +192,4 @@ class SDXLSampling:
         )[0]
 
     def decode(self, k: int) -> torch.Tensor:
-        vae = self.den.vae
-        latents = self.latents[k : k + 1].to(vae.dtype)
-        mean, std = (
-            getattr(vae.config, "latents_mean", None),
-            getattr(vae.config, "latents_std", None),
-        )
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        return vae.decode(latents, return_dict=False)[0]
+        return self.den.vae.decode(self.den.to_vae(self.latents[k : k + 1]), return_dict=False)[0]

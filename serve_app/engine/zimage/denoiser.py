@@ -103,6 +103,10 @@ class ZImageDenoiser(Denoiser):
         # Latents are 1/8 of the image and the transformer patches them 2x2.
         return self.vae_scale_factor * 2
 
+    def to_vae(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        return latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+
     def warmup_calls(self, width: int, height: int):
         """Every path a request can take: no guidance; guidance with a negative prompt as
         long as the prompt (no attention mask); and with one of another padded length
@@ -220,7 +224,4 @@ class ZImageSampling:
         )
 
     def decode(self, k: int) -> torch.Tensor:
-        vae = self.den.vae
-        latents = self.latents[k : k + 1].to(vae.dtype) / vae.config.scaling_factor
-        latents = latents + vae.config.shift_factor
-        return vae.decode(latents, return_dict=False)[0]
+        return self.den.vae.decode(self.den.to_vae(self.latents[k : k + 1]), return_dict=False)[0]
