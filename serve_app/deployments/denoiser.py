@@ -16,6 +16,7 @@ from serve_app.deployments.adapters import Adapters
 from serve_app.deployments.replica import Replica
 from serve_app.errors import Cancelled, DoesNotFit
 from serve_app.messages import EncodedPrompt, Generated, GenerationParams, Preview, Progress
+from serve_app.relay import relay
 
 logger = logging.getLogger("ray.serve")
 
@@ -171,21 +172,12 @@ class Denoiser(Replica):
             self.adapters.release(adapters)
             raise
         self.metrics.queue_depth.set(self.worker.waiting)
-        wrapped, getter = asyncio.wrap_future(fut), None
+        wrapped = asyncio.wrap_future(fut)
         try:
-            while True:
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, wrapped}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    break
-                yield getter.result()
-            while not events.empty():
-                yield events.get_nowait()
+            async for event in relay(events, wrapped):
+                yield event
             images = wrapped.result()
         except (asyncio.CancelledError, GeneratorExit):
-            if getter is not None:
-                getter.cancel()
             ended = await self.worker.stop(fut, token)
             self._account_cancel(request_id, params, ended, token, recorder.step_seconds)
             raise

@@ -250,9 +250,8 @@ class Ingress:
                 "vram": result.vram,
             }
 
-        def on_end(exc: BaseException | None, result) -> dict | None:
+        def on_end(exc: BaseException | None, result, timings) -> dict | None:
             if exc is None:
-                timings = self._timings(result, started)
                 self._succeeded(request_id, model, params, state, result, timings)
                 return None
             response = self._failed(exc, request_id, model, params, state, started)

@@ -20,6 +20,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from serve_app.imaging import encode_image
 from serve_app.ingress.flow import Result
 from serve_app.messages import GenerationParams, Preview, Progress
+from serve_app.relay import relay
 
 # Sent unbuffered through reverse proxies (nginx reads X-Accel-Buffering).
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -78,7 +79,7 @@ def stream_answer(
     compression: int | None,
     started: float,
     completed_fields: Callable[[Result], dict],
-    on_end: Callable[[BaseException | None, Result | None], dict | None],
+    on_end: Callable[[BaseException | None, Result | None, dict | None], dict | None],
     stop: Callable[[], "asyncio.Future"],
 ) -> EventSourceResponse:
     """The SSE answer of a running generation.
@@ -91,70 +92,44 @@ def stream_answer(
         params, fmt, compression: what was asked.
         started: time.monotonic() at the request's start.
         completed_fields: our fields of the completed event, from the result.
-        on_end: called once at the end with (error or None, result or None); returns the
-            error body to send for an error.
+        on_end: called once at the end with (error or None, result or None, the
+            completed event's timings or None); returns the error body for an error.
         stop: cancels the work and waits for it (the client left).
     """
 
+    async def sse(item) -> ServerSentEvent | None:
+        if isinstance(item, Progress):
+            if item.steps_done or item.stage != "denoise":  # not the job's start
+                return progress_event(item, time.monotonic() - started)
+        elif isinstance(item, Preview):
+            b64 = await asyncio.to_thread(partial_image, item, params, fmt, compression)
+            fields = {"b64_json": b64, "partial_image_index": item.index}
+            return event("image_generation.partial_image", {**fields, **image_fields(params, fmt)})
+        return None
+
     async def body() -> AsyncIterator[ServerSentEvent]:
-        event_in_hand, ended = first, False
+        ended = False
         try:
-            while True:
-                if isinstance(event_in_hand, Progress):
-                    if event_in_hand.steps_done or event_in_hand.stage != "denoise":
-                        yield progress_event(event_in_hand, time.monotonic() - started)
-                elif isinstance(event_in_hand, Preview):
-                    b64 = await asyncio.to_thread(
-                        partial_image, event_in_hand, params, fmt, compression
-                    )
-                    yield event(
-                        "image_generation.partial_image",
-                        {
-                            "b64_json": b64,
-                            "partial_image_index": event_in_hand.index,
-                            **image_fields(params, fmt),
-                        },
-                    )
-                event_in_hand = await _next(events, work)
-                if event_in_hand is None:
-                    break
+            if (out := await sse(first)) is not None:
+                yield out
+            async for item in relay(events, work):
+                if (out := await sse(item)) is not None:
+                    yield out
             result = work.result()
             ended = True
             fields = completed_fields(result)
-            on_end(None, result)
-            yield event(
-                "image_generation.completed",
-                {
-                    "b64_json": result.images[0].decode(),
-                    **image_fields(params, fmt),
-                    "usage": USAGE,
-                    **fields,
-                },
-            )
+            on_end(None, result, fields["timings"])
+            image = {"b64_json": result.images[0].decode(), **image_fields(params, fmt)}
+            yield event("image_generation.completed", {**image, "usage": USAGE, **fields})
         except asyncio.CancelledError:  # the client left
             if not ended:
                 await stop()
-                on_end(asyncio.CancelledError(), None)
+                on_end(asyncio.CancelledError(), None, None)
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error event
             if not ended:
                 ended = True
-                error = on_end(exc, None)
+                error = on_end(exc, None, None)
                 yield ServerSentEvent(json.dumps({"type": "error", **error}), event="error")
 
     return EventSourceResponse(body(), headers=HEADERS, ping=PING_S)
-
-
-async def _next(events: asyncio.Queue, work: asyncio.Future):
-    """The next event, or None once the work has ended and every event is out."""
-    if not events.empty():
-        return events.get_nowait()
-    getter = asyncio.ensure_future(events.get())
-    try:
-        await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not getter.done():
-            getter.cancel()
-    if getter.done() and not getter.cancelled():
-        return getter.result()
-    return events.get_nowait() if not events.empty() else None
