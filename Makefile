@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
 
-.PHONY: install serve test prometheus browser report lint format bench clean
+.PHONY: install serve test prometheus browser nginx report lint format bench loadtest clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -18,10 +18,10 @@ install: $(VENV)/.installed
 serve: install
 	PATH=$(CURDIR)/$(BIN):$$PATH scripts/serve $(CONFIG)
 
-# The observability tests run a real Prometheus server and the page's tests a real
-# browser: Debian's packages, installed as root here and in CI; elsewhere, put
-# `prometheus`, `promtool` and `chromium` on PATH first.
-test: prometheus browser
+# The observability tests run a real Prometheus server, the page's tests a real browser
+# and the front proxy's tests a real nginx: Debian's packages, installed as root here
+# and in CI; elsewhere, put `prometheus`, `promtool`, `chromium` and `nginx` on PATH first.
+test: prometheus browser nginx
 test: install
 	$(BIN)/python -m pytest
 
@@ -31,6 +31,10 @@ prometheus:
 
 browser:
 	@command -v chromium >/dev/null || scripts/apt-install chromium
+
+# Debian's nginx is in /usr/sbin, which a non-root PATH may lack.
+nginx:
+	@PATH=$$PATH:/usr/sbin command -v nginx >/dev/null || scripts/apt-install nginx
 
 # Stage-by-stage latency and VRAM peaks of a running service, e.g.
 #   make report REPORT_ARGS='--config 1024x1024 --out report.md'
@@ -42,6 +46,16 @@ report: install
 # size sweep of our engine, in one run; results to load_tests/results.
 bench: install
 	$(BIN)/python -m load_tests.bench_gpu $(BENCH_ARGS)
+
+# A short CPU run of the load tests against the embedded default, started here: capacity,
+# then steady, burst, overload and a disconnect storm, ~2 min; reports to
+# load_tests/results/cpu-*-loadtest-*. Fails on a 5xx but deliberate 503s, a wrong image
+# or a replica stuck afterwards. Against a running service, e.g.
+#   .venv/bin/python -m load_tests.loadtest --url $(T2I_URL) --metrics-url URL --scenario soak
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/python -m load_tests.loadtest --local --scenario steady burst overload storm \
+	  --duration 15 --capacity-duration 10 $(LOADTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check serve_app tests load_tests

@@ -317,6 +317,8 @@ class Bench:
             "attention_backend": self.args.attention,
             "options": {"fuse_projections": self.args.fuse},
             "warmup_sizes": sizes,
+            # The throughput and disconnect sweeps send up to 16 at once: all taken in.
+            "requests_per_replica": 64,
         }
         with (
             tempfile.TemporaryDirectory() as tmp,

@@ -36,16 +36,58 @@ class LocalService:
     config: dict
     ready_s: float
 
-    def handle(self, deployment: str, model: str = "zimage"):
+    def handle(self, deployment: str, model: str = "zimage", app: str = APP):
         """A handle to a deployment; PromptEncoder and Denoiser: those of `model`."""
         from ray import serve
 
         if deployment in ("PromptEncoder", "Denoiser"):
             deployment = f"{deployment}-{model}"
-        return serve.get_deployment_handle(deployment, app_name=APP)
+        return serve.get_deployment_handle(deployment, app_name=app)
 
     def client(self, timeout: float = 120, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout, **kwargs)
+
+
+def derived_app(
+    config: dict, name: str, route_prefix: str, models: list[dict], args: dict, env: dict
+) -> dict:
+    """Another application like the file's first, beside it on the same cluster: its own
+    name, route prefix, models (as in make_config), `args` and environment changed."""
+    app = copy.deepcopy(config["applications"][0])
+    app.update(name=name, route_prefix=route_prefix)
+    _pick_models(app, models)
+    app["args"].update(args)
+    app["runtime_env"]["env_vars"].update(env)
+    return app
+
+
+def _pick_models(application: dict, models: list[dict]) -> None:
+    """Keep `models` (with their changes) and their deployments. A model with `like`
+    names one of the file's: a copy of it, deployments included, under its own id."""
+    by_id = {m["id"]: m for m in application["args"]["models"]}
+    for model in models:
+        if "like" in model:
+            like = model["like"]
+            by_id[model["id"]] = {**by_id[like], "id": model["id"]}
+            for kind in ("PromptEncoder", "Denoiser"):
+                copy_of = next(
+                    d for d in application["deployments"] if d["name"] == f"{kind}-{like}"
+                )
+                application["deployments"].append(
+                    {**copy.deepcopy(copy_of), "name": f"{kind}-{model['id']}"}
+                )
+    unknown = [m["id"] for m in models if m["id"] not in by_id]
+    if unknown:
+        raise KeyError(f"models {unknown} are not in {CONFIG}; it has {list(by_id)}")
+    application["args"]["models"] = [
+        {**by_id[m["id"]], **{k: v for k, v in m.items() if k != "like"}} for m in models
+    ]
+    dropped = {
+        name
+        for model_id in set(by_id) - {m["id"] for m in models}
+        for name in (f"PromptEncoder-{model_id}", f"Denoiser-{model_id}")
+    }
+    application["deployments"] = [d for d in application["deployments"] if d["name"] not in dropped]
 
 
 def make_config(
@@ -58,7 +100,8 @@ def make_config(
 
     Args:
         models: settings to change, one dict per model to serve, each with the `id` of a
-            model in the file; models not listed are dropped with their deployments.
+            model in the file (or `like` one: a copy under a new id); models not listed
+            are dropped with their deployments.
             None: every model as the file has it.
         ingress_max_replicas: caps the Ingress's autoscaling.
         port: the HTTP port.
@@ -69,19 +112,7 @@ def make_config(
     config["http_options"]["port"] = port
     application = config["applications"][0]
     if models is not None:
-        by_id = {m["id"]: m for m in application["args"]["models"]}
-        unknown = [m["id"] for m in models if m["id"] not in by_id]
-        if unknown:
-            raise KeyError(f"models {unknown} are not in {CONFIG}; it has {list(by_id)}")
-        application["args"]["models"] = [{**by_id[m["id"]], **m} for m in models]
-        dropped = {
-            name
-            for model_id in set(by_id) - {m["id"] for m in models}
-            for name in (f"PromptEncoder-{model_id}", f"Denoiser-{model_id}")
-        }
-        application["deployments"] = [
-            d for d in application["deployments"] if d["name"] not in dropped
-        ]
+        _pick_models(application, models)
     for name, options in (deployments or {}).items():
         deployment_config(config, name).update(options)
     if ingress_max_replicas is not None:
@@ -89,6 +120,14 @@ def make_config(
         autoscaling["max_replicas"] = ingress_max_replicas
         autoscaling["min_replicas"] = min(autoscaling["min_replicas"], ingress_max_replicas)
     return config
+
+
+def _ready(url: str) -> bool:
+    try:
+        ready = httpx.get(url, timeout=10)
+    except httpx.HTTPError:
+        return False
+    return ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
 @contextmanager
@@ -100,10 +139,12 @@ def local_service(
     ingress_max_replicas: int | None = None,
     ready_timeout_s: float = 300,
     deployments: dict[str, dict] | None = None,
+    extra_apps: list[dict] | None = None,
 ):
     """A Ray cluster of this process with `num_gpus` GPUs (logical ones where there are
     none) and the app deployed by the `serve run` CLI; torn down on exit. `models` and
-    `deployments`: see make_config."""
+    `deployments`: see make_config; `extra_apps`: more applications beside it (see
+    derived_app), ready too before this returns."""
     import ray
     from ray import serve
 
@@ -119,6 +160,7 @@ def local_service(
         log_to_driver=False,
     )
     config = make_config(models, ingress_max_replicas, http_port, deployments)
+    config["applications"] += extra_apps or []
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     # The `serve` CLI through this interpreter: a console script's shebang may name
@@ -135,16 +177,12 @@ def local_service(
         )  # fmt: skip
         url = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                ready = httpx.get(f"{url}/readyz", timeout=10)
-                if ready.status_code == 200 and ready.json()["status"] == "ready":
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app did not become ready: {serve.status()}")
-            time.sleep(0.5)
+        for app in config["applications"]:
+            prefix = app["route_prefix"].rstrip("/")
+            while not _ready(f"{url}{prefix}/readyz"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the app did not become ready: {serve.status()}")
+                time.sleep(0.5)
         yield LocalService(
             url, f"http://127.0.0.1:{metrics_port}/metrics", config, time.monotonic() - started
         )

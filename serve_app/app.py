@@ -11,7 +11,7 @@ from ray.serve import Application
 
 from serve_app.config import AppConfig
 from serve_app.deployments import Denoiser, PromptEncoder
-from serve_app.inflight import InFlight
+from serve_app.inflight import InFlight, ModelLimit
 from serve_app.ingress import Ingress
 
 
@@ -23,4 +23,9 @@ def build_app(args: dict) -> Application:
         encoder_name, denoiser_name = model.deployment_names()
         encoders[model.id] = PromptEncoder.options(name=encoder_name).bind(model)
         denoisers[model.id] = Denoiser.options(name=denoiser_name).bind(model)
-    return Ingress.bind(config, encoders, denoisers, InFlight.bind())
+    limits = {
+        m.id: ModelLimit(m.deployment_names()[1], m.requests_per_replica) for m in config.models
+    }
+    # Above the longest a request may run: only a record whose owner died gets that old.
+    inflight = InFlight.bind(limits, stale_after_s=config.request_timeout_s + 60)
+    return Ingress.bind(config, encoders, denoisers, inflight)

@@ -47,6 +47,29 @@ class LoraSettings(BaseModel):
     cache_bytes: int = Field(4 * 2**30, ge=0)
 
 
+class MemorySettings(BaseModel):
+    """A Denoiser replica's device-memory budget, which the ingress admits requests by.
+
+    Args:
+        budget_bytes: the budget itself; required on a CPU for admission by memory (none
+            without it); on a GPU it overrides the measured one.
+        fraction: cap this replica's process at this share of the card
+            (torch.cuda.set_per_process_memory_fraction, before the model loads); null
+            for no cap. With a cap, the budget is the cap; without, the card's memory
+            this replica holds plus what is free when it is ready.
+        reserve_bytes: kept free out of the budget (allocator rounding, other processes).
+        unhealthy_after_ooms: consecutive out-of-memory failures after which the
+            replica's health check fails, so that Ray replaces it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_bytes: int | None = Field(None, gt=0)
+    fraction: float | None = Field(None, gt=0, le=1)
+    reserve_bytes: int = Field(2**30, ge=0)
+    unhealthy_after_ooms: int = Field(3, ge=1)
+
+
 class ModelSettings(BaseModel):
     """One served model: what its replicas load and how.
 
@@ -76,6 +99,11 @@ class ModelSettings(BaseModel):
         lora: how adapters are served (see LoraSettings).
         options: the family's own settings, checked by the family when replicas start
             (zimage: fuse_projections).
+        memory: the Denoiser's memory budget (see MemorySettings).
+        requests_per_replica: requests the whole service takes in at once for this
+            model per running Denoiser replica (one drawing, the rest waiting for it),
+            counted over every ingress replica; past it: 429 with Retry-After. Keep it
+            at the Denoiser's max_ongoing_requests.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,6 +120,8 @@ class ModelSettings(BaseModel):
     lora_dir: str | None = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     options: dict = Field(default_factory=dict)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    requests_per_replica: int = Field(4, ge=1)
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -119,6 +149,26 @@ class ModelSettings(BaseModel):
         return f"PromptEncoder-{self.id}", f"Denoiser-{self.id}"
 
 
+class ApiKeySettings(BaseModel):
+    """Bearer-token access: `Authorization: Bearer <key>` on every route but the health
+    routes and the page. Keys are never stored: each entry is `name:sha256-hex-of-key`
+    (`python -m serve_app.ingress.keys new NAME` makes a key and its entry).
+
+    Args:
+        file: a file of entries, one a line (# comments); null for none.
+        env: an environment variable of entries, comma or newline separated; null for
+            none. At least one of the two must give a key.
+        max_in_flight: requests one key may have in flight at once, over the whole
+            service; past it: 429.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str | None = None
+    env: str | None = "T2I_API_KEYS"
+    max_in_flight: int = Field(8, ge=1)
+
+
 class AppConfig(BaseModel):
     """Settings of the whole application.
 
@@ -129,6 +179,10 @@ class AppConfig(BaseModel):
         max_side: largest accepted image side in pixels.
         max_body_bytes: larger request bodies get 413.
         cancel_wait_s: how long POST /v1/requests/{id}/cancel waits for the stop.
+        request_timeout_s: a generation still running after this is cancelled and
+            answered 504; keep it below http_options.request_timeout_s (Ray's proxy
+            would answer first, in its own words).
+        api_keys: bearer-token access (see ApiKeySettings); off when null.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -138,6 +192,8 @@ class AppConfig(BaseModel):
     max_side: int = Field(2048, le=8192)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     cancel_wait_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(240.0, gt=0)
+    api_keys: "ApiKeySettings | None" = None
 
     @field_validator("models")
     @classmethod

@@ -44,7 +44,8 @@ class PromptTooLong(ValueError):
 
 
 class DoesNotFit(Exception):
-    """The request needs more device memory than the replica has.
+    """The device ran out of memory while the request ran (HTTP 503 with Retry-After:
+    the replica freed what it took and stays in service).
 
     Args:
         width: requested image width.
@@ -57,10 +58,14 @@ class DoesNotFit(Exception):
         super().__init__(width, height, num_images, stage)
         self.width, self.height, self.num_images, self.stage = width, height, num_images, stage
 
+    code = "out_of_memory"
+    retry_after_s = 2
+
     def __str__(self) -> str:
         return (
             f"{self.num_images} image(s) of {self.width}x{self.height} ran out of GPU memory "
-            f"during {self.stage}; ask for a smaller size or fewer images."
+            f"during {self.stage}; the memory was freed: retry, or ask for a smaller size or "
+            "fewer images."
         )
 
 
@@ -130,3 +135,106 @@ class AdapterError(LoraError):
 
     def describe(self, file: str, reason: str) -> str:
         return f"LoRA file '{file}' cannot be used: {reason}"
+
+
+class WillNotFit(Exception):
+    """A request predicted to need more device memory than any replica of its model has
+    (HTTP 413, refused before any work).
+
+    Args:
+        width, height, num_images: what was asked.
+        needed_bytes: the predicted peak.
+        budget_bytes: the largest replica budget.
+        largest_side: the largest square side that fits with the rest as asked (0: none).
+    """
+
+    code = "does_not_fit"
+
+    def __init__(self, width, height, num_images, needed_bytes, budget_bytes, largest_side):
+        super().__init__(width, height, num_images, needed_bytes, budget_bytes, largest_side)
+        self.width, self.height, self.num_images = width, height, num_images
+        self.needed_bytes, self.budget_bytes = needed_bytes, budget_bytes
+        self.largest_side = largest_side
+
+    def __str__(self) -> str:
+        fits = (
+            f"the largest that fits with the rest as asked is "
+            f"{self.largest_side}x{self.largest_side}"
+            if self.largest_side
+            else "no size fits with the rest as asked; ask for fewer images or no guidance"
+        )
+        return (
+            f"{self.num_images} image(s) of {self.width}x{self.height} would need about "
+            f"{self.needed_bytes / 2**30:.1f} GiB of device memory; this model's replicas have "
+            f"{self.budget_bytes / 2**30:.1f} GiB: {fits}"
+        )
+
+
+class Busy(Exception):
+    """The service takes no more of these requests now (HTTP 429 with Retry-After).
+
+    Args:
+        reason: "queue" (the model's replicas have as many as they take) or "key_limit"
+            (this API key has as many in flight as it may).
+        limit: the limit reached.
+        retry_after_s: when a retry is likely to be taken.
+    """
+
+    def __init__(self, reason: str, limit: int, retry_after_s: int):
+        super().__init__(reason, limit, retry_after_s)
+        self.reason, self.limit, self.retry_after_s = reason, limit, retry_after_s
+        self.code = "queue_full" if reason == "queue" else "key_limit"
+
+    def __str__(self) -> str:
+        if self.reason == "queue":
+            return (
+                f"the service is at capacity for this model ({self.limit} requests in "
+                f"flight); retry after {self.retry_after_s} s"
+            )
+        return (
+            f"this API key has {self.limit} requests in flight, as many as it may; wait "
+            "for one to finish"
+        )
+
+
+class DeadlineExceeded(Exception):
+    """A request still running at the service's deadline; it was cancelled (HTTP 504).
+
+    Args:
+        timeout_s: the deadline (the application's request_timeout_s).
+        stage: where it was.
+    """
+
+    code = "timeout"
+
+    def __init__(self, timeout_s: float, stage: str):
+        super().__init__(timeout_s, stage)
+        self.timeout_s, self.stage = timeout_s, stage
+
+    def __str__(self) -> str:
+        return (
+            f"the request ran past the service's {self.timeout_s:g} s limit (in {self.stage}) "
+            "and was cancelled; ask for fewer steps, a smaller size or fewer images"
+        )
+
+
+class ReplicaFailed(Exception):
+    """A model replica died while it served the request (HTTP 503 with Retry-After);
+    Ray starts another.
+
+    Args:
+        deployment: which deployment's replica.
+    """
+
+    code = "replica_failed"
+    retry_after_s = 5
+
+    def __init__(self, deployment: str):
+        super().__init__(deployment)
+        self.deployment = deployment
+
+    def __str__(self) -> str:
+        return (
+            f"a {self.deployment} replica failed while it served this request; another is "
+            f"starting: retry after {self.retry_after_s} s"
+        )

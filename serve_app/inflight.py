@@ -1,20 +1,31 @@
-"""Which requests are in flight, so that a cancel sent to any ingress replica finds its
-request on whichever replica runs it.
+"""Which requests are in flight, over the whole service: so that a cancel sent to any
+ingress replica finds its request on whichever replica runs it, and so that what the
+service takes in is bounded however many ingress replicas there are.
 
-The ingress that owns a request `open`s it, then keeps one `watch` call pending for the
-request's life. POST /v1/requests/{id}/cancel, on any ingress replica, calls `cancel`:
-that ends the owner's `watch`, the owner cancels its work and reports where it stopped
-with `stopped`, and `cancel` returns that report.
+The ingress that owns a request `open`s it before any work (admission), then keeps one
+`watch` call pending for the request's life. POST /v1/requests/{id}/cancel, on any
+ingress replica, calls `cancel`: that ends the owner's `watch`, the owner cancels its
+work and reports where it stopped with `close`, and `cancel` returns that report.
+
+Admission: a model takes `requests_per_replica` requests per running Denoiser replica
+(Ray Serve's own queue limit, max_queued_requests, counts per caller: with N ingress
+replicas a replica's queue could grow to N times it), and one API key at most its
+`max_in_flight`. Past either: a refusal with the time a retry is likely to be taken.
 """
 
 import asyncio
+import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
 from ray import serve
 
-# A record whose owner vanished without closing it (replica crash) is dropped after this.
-STALE_AFTER_S = 3600.0
+# How often the running replicas of each model are asked of Serve's controller.
+REPLICAS_REFRESH_S = 2.0
+# Weight of the newest request in the running mean of request times (Retry-After).
+MEAN_WEIGHT = 0.2
+MAX_RETRY_AFTER_S = 60
 
 
 class DuplicateRequestId(Exception):
@@ -31,8 +42,21 @@ class DuplicateRequestId(Exception):
         )
 
 
+@dataclass(frozen=True)
+class ModelLimit:
+    """Args:
+    denoiser: the model's Denoiser deployment name.
+    requests_per_replica: requests taken in per running Denoiser replica.
+    """
+
+    denoiser: str
+    requests_per_replica: int
+
+
 @dataclass
 class _Record:
+    model: str | None
+    key: str | None
     opened: float = field(default_factory=time.monotonic)
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: asyncio.Future = field(
@@ -42,18 +66,71 @@ class _Record:
 
 @serve.deployment
 class InFlight:
-    def __init__(self) -> None:
-        self._records: dict[str, _Record] = {}
+    """Args:
+    limits: model id -> its admission limit.
+    stale_after_s: a record whose owner vanished without closing it (an ingress replica
+        that died) is dropped after this: above the longest request allowed.
+    """
 
-    async def open(self, request_id: str) -> bool:
-        """Register a request; False if a request with this id is in flight already."""
+    def __init__(self, limits: dict[str, ModelLimit], stale_after_s: float) -> None:
+        self._records: dict[str, _Record] = {}
+        self._limits, self._stale_after_s = limits, stale_after_s
+        self._replicas: dict[str, int] = {}
+        self._replicas_at = -math.inf
+        self._mean_s: dict[str, float] = {}
+
+    async def open(
+        self,
+        request_id: str,
+        model: str | None = None,
+        key: str | None = None,
+        key_limit: int | None = None,
+    ) -> dict | None:
+        """Register a request, or refuse it: None when taken, else {"reason":
+        "duplicate"} (a request with this id is in flight), {"reason": "queue", "limit",
+        "retry_after_s"} or {"reason": "key_limit", "limit", "retry_after_s"}."""
         now = time.monotonic()
-        for rid in [r for r, rec in self._records.items() if now - rec.opened > STALE_AFTER_S]:
+        for rid in [
+            r for r, rec in self._records.items() if now - rec.opened > self._stale_after_s
+        ]:
             self._records.pop(rid, None)
         if request_id in self._records:
-            return False
-        self._records[request_id] = _Record()
-        return True
+            return {"reason": "duplicate"}
+        if key is not None and key_limit is not None:
+            held = sum(rec.key == key for rec in self._records.values())
+            if held >= key_limit:
+                return {"reason": "key_limit", "limit": key_limit, "retry_after_s": 1}
+        if model in self._limits:
+            replicas = await self._running(model)
+            limit = replicas * self._limits[model].requests_per_replica
+            held = sum(rec.model == model for rec in self._records.values())
+            if held >= limit:
+                # The requests ahead share the replicas; one more must end first.
+                ahead = (held - limit + 1) / replicas
+                wait = math.ceil(self._mean_s.get(model, 1.0) * ahead)
+                retry = min(max(wait, 1), MAX_RETRY_AFTER_S)
+                return {"reason": "queue", "limit": limit, "retry_after_s": retry}
+        self._records[request_id] = _Record(model, key)
+        return None
+
+    async def _running(self, model: str) -> int:
+        """Running Denoiser replicas of `model` (at least 1: while none runs, requests
+        wait for the first as Serve's router makes them)."""
+        if time.monotonic() - self._replicas_at > REPLICAS_REFRESH_S:
+            self._replicas_at = time.monotonic()
+            # On a failure the last count stays: the controller is back soon.
+            with contextlib.suppress(Exception):
+                self._replicas = await asyncio.to_thread(self._ask_replicas)
+        return max(self._replicas.get(model, 1), 1)
+
+    def _ask_replicas(self) -> dict[str, int]:
+        app = serve.get_replica_context().app_name
+        deployments = serve.status().applications[app].deployments
+        return {
+            model: deployments[limit.denoiser].replica_states.get("RUNNING", 0)
+            for model, limit in self._limits.items()
+            if limit.denoiser in deployments
+        }
 
     async def watch(self, request_id: str) -> bool:
         """Return True when a cancel is requested (False at once for an unknown id). The
@@ -81,5 +158,11 @@ class InFlight:
         """The owner's last word on a request: where it stopped if it was cancelled, None
         if it ended otherwise. A waiting `cancel` gets `report`."""
         rec = self._records.pop(request_id, None)
-        if rec is not None and not rec.stopped.done():
+        if rec is None:
+            return
+        if report is None and rec.model is not None:  # it ran to its end
+            took = time.monotonic() - rec.opened
+            mean = self._mean_s.get(rec.model, took)
+            self._mean_s[rec.model] = (1 - MEAN_WEIGHT) * mean + MEAN_WEIGHT * took
+        if not rec.stopped.done():
             rec.stopped.set_result(report)

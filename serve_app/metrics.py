@@ -31,6 +31,7 @@ LORA_LOAD_SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]
 
 OUTCOMES = ("ok", "cancelled", "rejected", "invalid", "oom", "error")
 LORA_RESULTS = ("hit", "miss", "error")
+REJECT_REASONS = ("vram", "queue", "key_limit")
 M = ("family", "model")
 RES_BUCKETS = (512, 768, 1024, 1280, 1536, 2048)
 
@@ -88,7 +89,10 @@ class Metrics:
         )
         self.oom = metrics.Counter("t2i_oom_total", "Requests that ran out of device memory.", M)
         self.admission_rejects = metrics.Counter(
-            "t2i_admission_rejects_total", "Requests refused because a queue was full.", M
+            "t2i_admission_rejects_total",
+            "Requests turned away before any work: predicted not to fit the device (vram), "
+            "the model at capacity (queue), the API key at its limit (key_limit).",
+            tag_keys=(*M, "reason"),
         )
         self.lora_loads = metrics.Counter(
             "t2i_lora_loads_total",
@@ -117,15 +121,18 @@ class Metrics:
             elif counter is self.lora_loads:
                 for result in LORA_RESULTS:
                     counter._record(0, tags={**tags, "result": result})
+            elif counter is self.admission_rejects:
+                for reason in REJECT_REASONS:
+                    counter._record(0, tags={**tags, "reason": reason})
             else:
                 counter._record(0, tags=tags)
 
     def request(self, family: str, model: str, outcome: str) -> None:
         self.requests.inc(1, tags={"family": family, "model": model, "outcome": outcome})
 
-    def rejected(self, family: str, model: str) -> None:
-        """A request a full queue turned away."""
-        self.admission_rejects.inc(1, tags={"family": family, "model": model})
+    def rejected(self, family: str, model: str, reason: str) -> None:
+        """A request turned away before any work, for `reason` (REJECT_REASONS)."""
+        self.admission_rejects.inc(1, tags={"family": family, "model": model, "reason": reason})
 
     def out_of_memory(self, family: str, model: str) -> None:
         self.oom.inc(1, tags={"family": family, "model": model})

@@ -9,14 +9,19 @@ guidance_scale, seed`) and ours (`lora, preset`). Types are strict: "2" is not a
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from serve_app.errors import BadLoraName
 from serve_app.messages import GenerationParams, LoraChoice
 
 _SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+# `size` as the OpenAPI document states it. Stated, not validated: parse_size refuses a
+# bad size with a message that names the accepted form, pydantic's would not.
+SizeText = Annotated[
+    str, WithJsonSchema({"type": "string", "pattern": r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"})
+]
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 4
 MAX_STEPS = 100
@@ -73,21 +78,53 @@ class ImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(max_length=20_000, description="What to draw.")
+    prompt: str = Field(
+        max_length=20_000,
+        description=(
+            "What to draw: not blank, at most the model's `max_prompt_tokens` tokens "
+            "(`limits` in GET /v1/models)."
+        ),
+        # Stated, not validated: _not_blank refuses a blank prompt in its own words. The
+        # characters str.strip() removes are spelled out: ECMA's \s (the document's regex
+        # dialect) and Python's differ.
+        json_schema_extra={
+            "pattern": r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+        },
+    )
     model: str | None = Field(None, description="A model id from GET /v1/models.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images to draw from this prompt.")
-    size: str | None = Field(None, description='"WIDTHxHEIGHT", e.g. "1024x1024".')
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_IMAGES,
+        description="Images to draw from this prompt; 1 with stream and on POST /generate.",
+    )
+    size: SizeText | None = Field(
+        None,
+        description=(
+            '"WIDTHxHEIGHT" in pixels, e.g. "1024x1024": each side a multiple of the '
+            "model's `side_multiple` from its `min_side` to its `max_side` (operator "
+            'settings, under `limits` in GET /v1/models). "auto" or null: the preset\'s size.'
+        ),
+    )
     response_format: Literal["b64_json"] = "b64_json"
     output_format: Literal["png", "webp", "jpeg"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
     stream: bool = Field(
-        False, description="Server-sent events: progress each step, previews, the image."
+        False,
+        description=(
+            "Server-sent events: progress each step, previews, the image (POST "
+            "/v1/images/generations only)."
+        ),
     )
     partial_images: int = Field(
         0, ge=0, le=3, description="Previews streamed before the image (with stream)."
     )
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
-    negative_prompt: str | None = Field(None, max_length=20_000)
+    negative_prompt: str | None = Field(
+        None,
+        max_length=20_000,
+        description="At most the model's `max_prompt_tokens` tokens, like the prompt.",
+    )
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=20.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -95,8 +132,9 @@ class ImageRequest(BaseModel):
         None,
         max_length=MAX_LORAS,
         description=(
-            "Style adapters: one {name, scale} object or a list of up to 3; replaces the "
-            "preset's. null or [] for none."
+            "Style adapters: one {name, scale} object or a list of up to 3, each named once "
+            "(at most the model's `max_loras`, under `limits` in GET /v1/models); replaces "
+            "the preset's. null or [] for none."
         ),
     )
     preset: str | None = None

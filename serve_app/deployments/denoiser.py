@@ -40,6 +40,20 @@ def lora_folder(settings: ModelSettings, checkpoint: Path) -> Path | None:
     return folder
 
 
+def cap_memory(settings: ModelSettings) -> None:
+    """Cap this process's share of its GPU at `memory.fraction`, before anything loads."""
+    if settings.memory.fraction is None:
+        return
+    from serve_app.engine import pick_device
+
+    device = pick_device(settings.device)
+    if device.type == "cuda":
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(settings.memory.fraction, index)
+
+
 @serve.deployment
 class Denoiser(Replica):
     """One model's step loop and VAE; `num_gpus`, replicas and queue limits in
@@ -49,6 +63,7 @@ class Denoiser(Replica):
         from serve_app.engine import LoraOptions, checkpoint, load_denoiser
 
         started = time.monotonic()
+        cap_memory(settings)
         folder = lora_folder(settings, checkpoint.resolve(settings.model)[0])
         lora = None
         if folder is not None:
@@ -76,6 +91,9 @@ class Denoiser(Replica):
         smallest = engine.side_multiple * 16
         sizes = settings.parsed_warmup_sizes() if engine.device.type == "cuda" else []
         self.warmup_s = engine.warmup(sizes or [(smallest, smallest)])
+        self.memory = settings.memory
+        self.idle_allocated = self._allocated() - self.adapters.cache.nbytes
+        self.budget_bytes = self._budget()
         self.ready_s = time.monotonic() - started
         logger.info(
             "Denoiser %s ready in %.1f s on %s (load %.1f s, warm-up %s)",
@@ -182,8 +200,7 @@ class Denoiser(Replica):
             self._account_cancel(request_id, params, ended, token, recorder.step_seconds)
             raise
         except DoesNotFit as exc:
-            self.metrics.out_of_memory(*self.labels)
-            logger.warning("request %s: %s", request_id, exc)
+            self.ran_out_of_memory(request_id, exc)
             raise
         finally:
             self.metrics.queue_depth.set(self.worker.waiting)
@@ -192,6 +209,7 @@ class Denoiser(Replica):
             else:  # still running: its adapters stay pinned until it stops
                 wrapped.add_done_callback(lambda _: self.adapters.release(adapters))
 
+        self.ooms_in_a_row = 0
         queue_s, steps = started[0] - sent_at, recorder.step_seconds
         try:
             yield Generated(
@@ -246,4 +264,36 @@ class Denoiser(Replica):
             "loras": self.adapters.describe(),
             "ready_s": round(self.ready_s, 3),
             "warmup_s": self.warmup_s,
+            "memory": {
+                "budget_bytes": self.budget_bytes,
+                "resident_bytes": self.idle_allocated + self.adapters.cache.nbytes,
+                "guidance_above": family_module(self.family).GUIDANCE_ABOVE,
+                "ooms_in_a_row": self.ooms_in_a_row,
+            },
         }
+
+    def _allocated(self) -> int:
+        """Device bytes this replica holds: the allocator's on a GPU, the weights' on a
+        CPU (where nothing else is counted)."""
+        if self.engine.device.type == "cuda":
+            import torch
+
+            return torch.cuda.memory_allocated(self.engine.device)
+        return self.weights_bytes
+
+    def _budget(self) -> int | None:
+        """What a request may bring this replica's memory up to; None: no budget (a CPU
+        without `memory.budget_bytes`)."""
+        memory, device = self.memory, self.engine.device
+        if memory.budget_bytes is not None:
+            return memory.budget_bytes
+        if device.type != "cuda":
+            return None
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        if memory.fraction is not None:
+            held = total * memory.fraction
+        else:  # what it holds now and what no other process holds
+            held = torch.cuda.memory_reserved(device) + free
+        return int(held - memory.reserve_bytes)

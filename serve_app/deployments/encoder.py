@@ -8,7 +8,7 @@ from ray import serve
 
 from serve_app.config import ModelSettings
 from serve_app.deployments.replica import Replica
-from serve_app.errors import Cancelled
+from serve_app.errors import Cancelled, DoesNotFit
 from serve_app.messages import EncodedPrompt, GenerationParams
 
 logger = logging.getLogger("ray.serve")
@@ -43,8 +43,17 @@ class PromptEncoder(Replica):
         token, recorder = CancelToken(), StageRecorder(self.engine.device)
 
         def job():
-            with recorder.stage("encode"):
-                return self.engine.encode_params(params, cancel=token)
+            import torch
+
+            try:
+                with recorder.stage("encode"):
+                    return self.engine.encode_params(params, cancel=token)
+            except torch.OutOfMemoryError:
+                pass
+            # Raised outside the except block, whose traceback holds the activations.
+            if self.engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DoesNotFit(params.width, params.height, params.num_images, "encode")
 
         fut = self.worker.submit(job)
         self.metrics.queue_depth.set(self.worker.waiting)
@@ -55,8 +64,12 @@ class PromptEncoder(Replica):
             queued = isinstance(ended, Cancelled) and ended.stage == "queued"
             self.record_cancel(request_id, {"stage": "queued" if queued else "encode"})
             raise
+        except DoesNotFit as exc:
+            self.ran_out_of_memory(request_id, exc)
+            raise
         finally:
             self.metrics.queue_depth.set(self.worker.waiting)
+        self.ooms_in_a_row = 0
         rec = recorder.stages["encode"]
         self.metrics.stage(*self.labels, "encode", rec.seconds, rec.vram_peak_bytes)
         arrays, dtypes = to_arrays(tensors)

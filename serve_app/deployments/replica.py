@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -34,32 +35,56 @@ GAUGE_REFRESH_S = 5.0
 KEEP_CANCELLATIONS = 1000
 
 
-class DeviceWorker:
-    """One thread that runs a replica's device work, one job at a time, in arrival order."""
+# On a CPU the device work shares the cores with the event loops of every replica, the
+# ingress and Ray's proxy, where a GPU would not: it yields to them, so that refusals and
+# cancels are answered at once however busy the engine is (Linux: per thread).
+CPU_WORK_NICENESS = 10
 
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="device")
+
+def _yield_to_the_event_loops() -> None:
+    os.nice(CPU_WORK_NICENESS)
+
+
+class DeviceWorker:
+    """One thread that runs a replica's device work, one job at a time, in arrival order.
+
+    Args:
+        on_cpu: the work runs on the CPU (its thread then yields to the event loops).
+    """
+
+    def __init__(self, on_cpu: bool = False) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="device",
+            initializer=_yield_to_the_event_loops if on_cpu else None,
+        )
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._waiting = self._jobs = 0
 
     @property
     def waiting(self) -> int:
         """Jobs submitted and not started yet."""
         return self._waiting
 
+    @property
+    def idle(self) -> bool:
+        """No job running or waiting."""
+        return self._jobs == 0
+
     def submit(self, fn: Callable) -> concurrent.futures.Future:
         def start():
             self._add(-1)
             return fn()
 
-        self._add(1)
+        self._add(1, 1)
         fut = self._pool.submit(start)
-        fut.add_done_callback(lambda f: f.cancelled() and self._add(-1))
+        fut.add_done_callback(lambda f: self._add(-1 if f.cancelled() else 0, -1))
         return fut
 
-    def _add(self, n: int) -> None:
+    def _add(self, waiting: int, jobs: int = 0) -> None:
         with self._lock:
-            self._waiting += n
+            self._waiting += waiting
+            self._jobs += jobs
 
     async def stop(self, fut: concurrent.futures.Future, token) -> BaseException | None:
         """Cancel a job: drop it if it has not started, else set its token and wait until
@@ -108,7 +133,9 @@ class Replica:
     def __init__(self, engine, settings: ModelSettings):
         self.engine = engine
         self.family, self.model_id = engine.family, settings.id
-        self.worker = DeviceWorker()
+        self.unhealthy_after_ooms = settings.memory.unhealthy_after_ooms
+        self.ooms_in_a_row = 0
+        self.worker = DeviceWorker(on_cpu=engine.device.type == "cpu")
         self.metrics = Metrics()
         self.cancellations: OrderedDict[str, dict] = OrderedDict()
         self.weights_bytes = sum(
@@ -126,6 +153,30 @@ class Replica:
         while True:
             self.metrics.refresh(self.worker.waiting, vram(self.engine.device, self.weights_bytes))
             time.sleep(GAUGE_REFRESH_S)
+
+    def ran_out_of_memory(self, request_id: str, exc: BaseException) -> None:
+        """Count an out-of-memory failure (the engine has freed what the request took)."""
+        self.ooms_in_a_row += 1
+        self.metrics.out_of_memory(*self.labels)
+        logger.warning(
+            "request %s: %s (%d in a row; unhealthy at %d)",
+            request_id,
+            exc,
+            self.ooms_in_a_row,
+            self.unhealthy_after_ooms,
+        )
+
+    def check_health(self) -> None:
+        """Ray's health check: fails (and Ray replaces this replica) after
+        `memory.unhealthy_after_ooms` out-of-memory failures in a row, or when the idle
+        device cannot allocate 1 MiB."""
+        if self.ooms_in_a_row >= self.unhealthy_after_ooms:
+            raise RuntimeError(f"{self.ooms_in_a_row} requests in a row ran out of device memory")
+        device = self.engine.device
+        if device.type == "cuda" and self.worker.idle:
+            import torch
+
+            torch.empty(2**20, dtype=torch.uint8, device=device)
 
     def record_cancel(self, request_id: str, record: dict) -> None:
         self.cancellations[request_id] = record

@@ -1,5 +1,4 @@
-"""What a finished generation answers: the OpenAI JSON body or the image bytes, and the
-one structured log line every request leaves."""
+"""What a finished generation answers: the OpenAI JSON body or the image bytes."""
 
 import json
 import logging
@@ -9,7 +8,7 @@ from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
 from serve_app.imaging import MEDIA_TYPES
-from serve_app.ingress.flow import Result, State
+from serve_app.ingress.flow import Result
 from serve_app.messages import GenerationParams
 
 logger = logging.getLogger("ray.serve")
@@ -64,37 +63,3 @@ def image_answer(
     return Response(
         result.images[0], media_type=MEDIA_TYPES[output_format], headers=headers, background=after
     )
-
-
-def log_request(
-    request_id: str,
-    outcome: str,
-    model_id: str | None,
-    params: GenerationParams | None,
-    state: State | None,
-    e2e_s: float,
-    timings: dict | None = None,
-    vram: dict | None = None,
-) -> None:
-    """One structured line per request: enough to trace a slow or heavy one."""
-    line = {
-        "event": "t2i_request",
-        "request_id": request_id,
-        "outcome": outcome,
-        "model": model_id,
-        "e2e_ms": round(e2e_s * 1000, 3),
-    }
-    if params is not None:
-        line.update(
-            size=f"{params.width}x{params.height}",
-            n=params.num_images,
-            steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            seed=params.seed,
-            loras=[[c.name, c.scale] for c in params.loras],
-        )
-    if state is not None and outcome != "ok":
-        line["stopped"] = state.report()
-    if timings is not None:
-        line.update(timings_ms=timings, vram=vram)
-    logger.info(json.dumps(line))

@@ -34,6 +34,7 @@ class Model:
     scheduler: str
     loras: list[dict]  # [{"name", "bytes"}]
     lora_slots: int
+    memory: dict  # the Denoiser's budget and what it holds (serve_app/vram.py)
     asked_at: float
 
     def listing(self) -> dict:
@@ -153,6 +154,7 @@ class Catalog:
             scheduler=den["scheduler"],
             loras=den["loras"]["available"],
             lora_slots=den["loras"]["slots"] if den["loras"]["dir"] else 0,
+            memory=den["memory"],
             asked_at=time.monotonic(),
         )
         self._models[model_id] = model

@@ -5,11 +5,21 @@ import logging
 from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from serve_app.errors import Cancelled, DoesNotFit, LoraError, PromptTooLong
+from serve_app.errors import (
+    Busy,
+    Cancelled,
+    DeadlineExceeded,
+    DoesNotFit,
+    LoraError,
+    PromptTooLong,
+    ReplicaFailed,
+    WillNotFit,
+)
 from serve_app.inflight import DuplicateRequestId
+from serve_app.ingress.keys import Unauthorized
 from serve_app.schema import InvalidRequest
 
 logger = logging.getLogger("ray.serve")
@@ -50,11 +60,18 @@ ERRORS: list[tuple[type[BaseException], Kind]] = [
     (LoraError, Kind(422, "invalid_request_error", "invalid")),
     (NotFound, Kind(404, "invalid_request_error", "invalid", "not_found")),
     (DuplicateRequestId, Kind(409, "invalid_request_error", "invalid", "duplicate_request_id")),
-    (DoesNotFit, Kind(413, "invalid_request_error", "oom", "does_not_fit")),
+    (Unauthorized, Kind(401, "invalid_request_error", "invalid")),
+    (WillNotFit, Kind(413, "invalid_request_error", "rejected")),
+    (Busy, Kind(429, "rate_limit_error", "rejected")),
     (BackPressureError, Kind(429, "rate_limit_error", "rejected", "queue_full")),
+    (DoesNotFit, Kind(503, "service_unavailable", "oom")),
     (Cancelled, Kind(499, "cancelled", "cancelled", "cancelled")),
+    (DeadlineExceeded, Kind(504, "timeout", "cancelled")),
     (NotReady, Kind(503, "service_unavailable", "rejected", "not_ready")),
     (DeploymentUnavailableError, Kind(503, "service_unavailable", "rejected", "not_ready")),
+    (ReplicaFailed, Kind(503, "service_unavailable", "error")),
+    # A replica that died under a call the flow did not retry (see Flow).
+    (RayActorError, Kind(503, "service_unavailable", "error", "replica_failed")),
 ]
 INTERNAL = Kind(500, "server_error", "error", "internal")
 
@@ -81,5 +98,9 @@ def error_response(exc: BaseException, request_id: str) -> tuple[JSONResponse, s
         message = str(exc)
     code = getattr(exc, "code", None) or kind.code
     body = error_body(message, kind.type, getattr(exc, "param", None), code)
-    headers = {"Retry-After": "1"} if kind.status in (429, 503) else None
+    headers = None
+    if kind.status in (429, 503):
+        headers = {"Retry-After": str(getattr(exc, "retry_after_s", 1))}
+    elif kind.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(body, status_code=kind.status, headers=headers), kind.outcome

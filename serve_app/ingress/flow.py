@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pybase64
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from serve_app.errors import Cancelled
+from serve_app.errors import Busy, Cancelled, ReplicaFailed
 from serve_app.imaging import encode_image
 from serve_app.inflight import DuplicateRequestId
 from serve_app.messages import Generated, GenerationParams, Preview, Progress
@@ -73,6 +74,13 @@ async def _call(response: DeploymentResponse):
         raise
 
 
+def replica_died(exc: BaseException) -> bool:
+    """Whether a call failed because the replica serving it died (or became unreachable)."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return isinstance(exc, RayActorError)
+
+
 async def settle(task: asyncio.Future) -> None:
     """Wait for a task we cancelled to unwind, even if we are cancelled meanwhile."""
     while not task.done():
@@ -104,30 +112,39 @@ class Flow:
         encoding: Encoding,
         state: State,
         on_event: Callable[[Progress | Preview], None] | None = None,
+        key: str | None = None,
+        key_limit: int | None = None,
     ) -> Result:
-        """Run a request while listening for a cancel by id (from any ingress replica).
+        """Admit a request, then run it while listening for a cancel by id (from any
+        ingress replica).
 
         Args:
             on_event: told of each Progress and Preview the denoiser streams.
+            key, key_limit: the request's API key name and the in-flight limit per key.
 
-        Raises: Cancelled when cancelled by id; DuplicateRequestId; what the replicas
-        raise. A client that leaves cancels this coroutine, and with it everything.
+        Raises: Busy when the model or the key has as many requests in flight as it
+        takes; Cancelled when cancelled by id; DuplicateRequestId; ReplicaFailed; what
+        the replicas raise. A client that leaves cancels this coroutine, and with it
+        everything.
         """
+        registered = False
+        try:
+            refusal = await _call(self.inflight.open.remote(request_id, model_id, key, key_limit))
+        except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
+            logger.warning("request %s: admission and cancel-by-id unavailable", request_id,
+                           exc_info=True)  # fmt: skip
+        else:
+            registered = refusal is None
+            if refusal is not None and refusal["reason"] == "duplicate":
+                raise DuplicateRequestId(request_id)
+            if refusal is not None:
+                raise Busy(refusal["reason"], refusal["limit"], refusal["retry_after_s"])
         work = asyncio.ensure_future(
             self._run(request_id, model_id, params, encoding, state, on_event)
         )
         listen, report = None, None
         try:
-            # Registered while the prompt is being encoded: off the critical path.
-            try:
-                opened = await _call(self.inflight.open.remote(request_id))
-            except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
-                logger.warning("request %s: cancel-by-id unavailable", request_id, exc_info=True)
-            else:
-                if not opened:
-                    work.cancel()
-                    await settle(work)
-                    raise DuplicateRequestId(request_id)
+            if registered:
                 listen = asyncio.ensure_future(_call(self.inflight.watch.remote(request_id)))
             await asyncio.wait({work, listen} - {None}, return_when=asyncio.FIRST_COMPLETED)
             cancel_requested = (
@@ -152,9 +169,34 @@ class Flow:
         finally:
             if listen is not None:
                 listen.cancel()  # cancels the pending watch call too
+            if registered:
                 self.inflight.close.remote(request_id, report)
 
     async def _run(self, request_id, model_id, params, encoding, state, on_event) -> Result:
+        """The request's trip. A replica that dies under it is retried once, on the
+        replica Ray has or starts, while nothing of the request has reached its client;
+        after that (a stream's events sent), ReplicaFailed."""
+        told: list[bool] = []
+
+        def tell(event) -> None:
+            told.append(True)
+            on_event(event)
+
+        for attempt in (1, 2):
+            try:
+                return await self._attempt(
+                    request_id, model_id, params, encoding, state, on_event and tell
+                )
+            except Exception as exc:
+                if not replica_died(exc):
+                    raise
+                if attempt == 2 or told:
+                    raise ReplicaFailed(f"{state.stage} ({model_id})") from exc
+                logger.warning("request %s: a replica died in %s; retrying once",
+                               request_id, state.stage)  # fmt: skip
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, request_id, model_id, params, encoding, state, on_event) -> Result:
         state.stage = "encode"
         called = time.monotonic()
         prompt = await _call(self.encoders[model_id].encode.remote(request_id, params))

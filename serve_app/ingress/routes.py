@@ -11,24 +11,27 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from serve_app import vram
 from serve_app.config import AppConfig
-from serve_app.errors import UnknownLora
-from serve_app.ingress.answers import image_answer, json_answer, log_request
+from serve_app.errors import DeadlineExceeded, UnknownLora
+from serve_app.ingress.answers import image_answer, json_answer
 from serve_app.ingress.catalog import Catalog, Model
 from serve_app.ingress.errors import (
     BodyTooLarge,
     NotFound,
     NotReady,
-    cause,
     error_body,
     error_response,
 )
 from serve_app.ingress.flow import Encoding, Flow, State, settle
+from serve_app.ingress.guard import RefuseTrustedHeaders
+from serve_app.ingress.keys import Keys, Unauthorized
+from serve_app.ingress.openapi import GENERATION_BODY, add_body_schemas
+from serve_app.ingress.outcomes import Outcomes, timings_of
 from serve_app.ingress.streaming import stream_answer
 from serve_app.messages import GenerationParams
 from serve_app.metrics import Metrics
@@ -41,6 +44,8 @@ app = FastAPI(
     summary="Text-to-image generation, OpenAI Images API compatible.",
     version="0.1.0",
 )
+app.add_middleware(RefuseTrustedHeaders)
+add_body_schemas(app)
 
 
 @app.exception_handler(HTTPException)
@@ -58,14 +63,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(InvalidRequest(str(exc.errors()[0]["msg"])), "")[0]
-
-
-_GENERATION_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": ImageRequest.model_json_schema()}},
-    }
-}
 
 
 # Module functions the class calls stand above it: serve.ingress serializes the class
@@ -114,9 +111,11 @@ class Ingress:
     ):
         self.config = config
         self.metrics = Metrics()
+        self.outcomes = Outcomes(self.metrics)
         self.catalog = Catalog(config, encoders, denoisers, self._first_sight)
         self.flow = Flow(inflight, encoders, denoisers)
         self.inflight = inflight
+        self.keys = Keys.from_settings(config.api_keys) if config.api_keys else None
         self._page = resources.files("serve_app").joinpath("web/index.html").read_text()
 
     def _first_sight(self, model: Model) -> None:
@@ -156,9 +155,13 @@ class Ingress:
         return JSONResponse({"status": status, "models": models})
 
     @app.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
         """OpenAI's model list: each served model with family, presets, LoRAs, limits.
         Models whose replicas are not ready yet are left out."""
+        try:
+            self._key(request)
+        except Unauthorized as exc:
+            return error_response(exc, "")[0]
         asked = await asyncio.gather(
             *(self.catalog.model(i) for i in self.catalog.ids), return_exceptions=True
         )
@@ -167,19 +170,23 @@ class Ingress:
             return error_response(NotReady("no model is ready"), "")[0]
         return JSONResponse({"object": "list", "data": data})
 
-    @app.post("/v1/images/generations", openapi_extra=_GENERATION_BODY)
+    @app.post("/v1/images/generations", openapi_extra=GENERATION_BODY)
     async def generations(self, request: Request) -> Response:
         """OpenAI Images API: JSON with base64 images, seed, timings (ms) and VRAM peaks."""
         return await self._generation(request, raw=False)
 
-    @app.post("/generate", openapi_extra=_GENERATION_BODY)
+    @app.post("/generate", openapi_extra=GENERATION_BODY)
     async def generate(self, request: Request) -> Response:
         """Same body; answers the image bytes (image/png unless output_format says else)."""
         return await self._generation(request, raw=True)
 
     @app.post("/v1/requests/{request_id}/cancel")
-    async def cancel(self, request_id: str) -> JSONResponse:
+    async def cancel(self, request_id: str, request: Request) -> JSONResponse:
         """Cancel one request wherever it runs; 404 if none with this id is in flight."""
+        try:
+            self._key(request)
+        except Unauthorized as exc:
+            return error_response(exc, request_id)[0]
         report = await self.inflight.cancel.remote(request_id, self.config.cancel_wait_s)
         if report is None:
             missing = NotFound(
@@ -196,6 +203,7 @@ class Ingress:
         model, params, state = None, None, None
         try:
             _check_request_id(request_id)
+            key = self._key(request)
             req = parse_request(await self._json(request))
             model_id = self.catalog.known(req.model)
             model = await self.catalog.model(model_id)
@@ -203,29 +211,57 @@ class Ingress:
             if params.loras:
                 model = await self.catalog.with_loras(model_id, [c.name for c in params.loras])
                 _check_loras(params, model)
+            vram.check_fits(model.family, params, model.memory, model.limits)
             state = State("queued", 0, params.num_inference_steps)
             encoding = Encoding(req.output_format, req.output_compression, b64=not raw)
+            run = self._runner(request_id, model, params, encoding, state, started, key)
             if req.stream:
-                return await self._stream(request_id, model, params, req, encoding, state, started)
-            result = await self.flow.run(request_id, model.id, params, encoding, state)
+                return await self._stream(request_id, model, params, req, run, state, started)
+            result = await run()
         except BaseException as exc:
-            response = self._failed(exc, request_id, model, params, state, started)
+            response = self.outcomes.failed(exc, request_id, model, params, state, started)
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
                 raise
             return response
-        timings = self._timings(result, started)
-        after = BackgroundTask(self._succeeded, request_id, model, params, state, result, timings)
+        timings = timings_of(result, started)
+        after = BackgroundTask(
+            self.outcomes.succeeded, request_id, model, params, state, result, timings
+        )
         if raw:
             return image_answer(req.output_format, params, result, timings, after)
         return json_answer(request_id, model.id, req.output_format, params, result, timings, after)
 
-    async def _stream(self, request_id, model: Model, params, req, encoding, state, started):
+    def _key(self, request: Request) -> str | None:
+        """The request's API key name (None with keys off); raises Unauthorized."""
+        if self.keys is None:
+            return None
+        return self.keys.identify(request.headers.get("authorization"))
+
+    def _runner(self, request_id, model: Model, params, encoding, state, started, key):
+        """The request's flow, to be run (with or without an event listener) within the
+        service's deadline: past it, cancelled and DeadlineExceeded (504)."""
+        limit = self.config.request_timeout_s
+        key_limit = self.config.api_keys.max_in_flight if self.config.api_keys else None
+
+        async def run(on_event=None):
+            deadline = asyncio.timeout(limit - (time.monotonic() - started))
+            try:
+                async with deadline:
+                    return await self.flow.run(
+                        request_id, model.id, params, encoding, state, on_event, key, key_limit
+                    )
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise DeadlineExceeded(limit, state.stage) from None
+
+        return run
+
+    async def _stream(self, request_id, model: Model, params, req, run, state, started):
         """Start the generation and answer with its events once it runs; what fails
         before its first event is answered as JSON, like a request without stream."""
         events: asyncio.Queue = asyncio.Queue()
-        work = asyncio.ensure_future(
-            self.flow.run(request_id, model.id, params, encoding, state, events.put_nowait)
-        )
+        work = asyncio.ensure_future(run(events.put_nowait))
         first = asyncio.ensure_future(events.get())
         try:
             await asyncio.wait({work, first}, return_when=asyncio.FIRST_COMPLETED)
@@ -246,15 +282,15 @@ class Ingress:
                 "num_inference_steps": params.num_inference_steps,
                 "guidance_scale": params.guidance_scale,
                 "loras": [{"name": c.name, "scale": c.scale} for c in params.loras],
-                "timings": self._timings(result, started),
+                "timings": timings_of(result, started),
                 "vram": result.vram,
             }
 
         def on_end(exc: BaseException | None, result, timings) -> dict | None:
             if exc is None:
-                self._succeeded(request_id, model, params, state, result, timings)
+                self.outcomes.succeeded(request_id, model, params, state, result, timings)
                 return None
-            response = self._failed(exc, request_id, model, params, state, started)
+            response = self.outcomes.failed(exc, request_id, model, params, state, started)
             return json.loads(response.body)
 
         async def stop() -> None:
@@ -273,33 +309,6 @@ class Ingress:
             on_end,
             stop,
         )
-
-    @staticmethod
-    def _timings(result, started: float) -> dict:
-        timings = {**result.timings_ms, "encode_image": round(result.encode_image_s * 1000, 3)}
-        timings["e2e"] = round((time.monotonic() - started) * 1000, 3)
-        return timings
-
-    def _succeeded(self, request_id, model: Model, params, state, result, timings) -> None:
-        """Metrics and the log line of an answered request (after the answer is sent)."""
-        e2e = timings["e2e"] / 1000
-        self.metrics.stage(model.family, model.id, "encode_image", result.encode_image_s)
-        self.metrics.stage(model.family, model.id, "e2e", e2e)
-        self.metrics.request(model.family, model.id, "ok")
-        log_request(request_id, "ok", model.id, params, state, e2e, timings, result.vram)
-
-    def _failed(self, exc, request_id, model: Model | None, params, state, started) -> Response:
-        """The answer, metrics and log line of a request that ended otherwise."""
-        outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else None
-        response = None
-        if outcome is None:
-            response, outcome = error_response(exc, request_id)
-        labels = (model.family, model.id) if model else ("unknown", "unknown")
-        if isinstance(cause(exc), BackPressureError):  # a full queue turned it away
-            self.metrics.rejected(*labels)
-        self.metrics.request(*labels, outcome)
-        log_request(request_id, outcome, labels[1], params, state, time.monotonic() - started)
-        return response
 
     async def _json(self, request: Request) -> object:
         body = await request.body()

@@ -6,6 +6,7 @@ changes: free ports, test checkpoints and adapter folders, one Ingress replica (
 cores in CI), two Denoiser replicas for SDXL (adapter routing).
 """
 
+import json
 import os
 import shutil
 import time
@@ -13,15 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from load_tests.local_service import local_service
+from load_tests.local_service import CONFIG, derived_app, local_service
 from serve_app.engine.checkpoint import cache_dir, resolve
 from serve_app.engine.zimage.tiny import ensure_tiny
+from serve_app.ingress.keys import new_entry
 
 NUM_GPUS = 2
 # On the CPU a 1024x1024 step of the tiny transformer takes ~0.2 s and decoding one
 # 1024x1024 image ~1.5 s: long enough to cancel in the act.
 SLOW = {"prompt": "a slow one", "size": "1024x1024", "num_inference_steps": 60}
 SDXL_REPLICAS = 2
+MAIN_REQUESTS_PER_REPLICA = 24
+# The strict app (beside the main one): API keys on, a memory budget, one Denoiser replica
+# taking 2 requests, one request in flight per key, a 20 s deadline.
+STRICT = "/strict"
+STRICT_KEYS = {name: new_entry(name) for name in ("alice", "bob", "carol")}
+# With the fit's margin 1536x1536 takes ~5.9 GiB: it fits; 2048x2048 (~10.5) does not.
+STRICT_BUDGET = 8 * 2**30
+STRICT_TIMEOUT_S = 20.0
+# Runs past the strict deadline (~1 s a step at this size on the CPU).
+LONG = {"prompt": "a long one", "size": "1536x1536", "num_inference_steps": 100}
 
 
 def wait_for(predicate, timeout=30.0, every=0.05):
@@ -33,6 +45,26 @@ def wait_for(predicate, timeout=30.0, every=0.05):
             return value
         time.sleep(every)
     raise AssertionError("timed out waiting")
+
+
+def leave_stream_at(service, body: dict, request_id: str, step: int) -> None:
+    """Stream `body` and leave (close the connection) as soon as denoising step `step`
+    is reported done; fails if the stream ends first."""
+    with (
+        service.client() as http,
+        http.stream(
+            "POST",
+            "/v1/images/generations",
+            json={**body, "stream": True},
+            headers={"X-Request-Id": request_id},
+        ) as r,
+    ):
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            event = json.loads(line.removeprefix("data:")) if line.startswith("data:") else {}
+            if event.get("stage") == "denoise" and event.get("step") == step:
+                return
+    raise AssertionError(f"the stream ended before step {step}")
 
 
 def denoiser_record(service, request_id, model="zimage"):
@@ -69,22 +101,56 @@ def lora_dirs(tmp_path_factory, serve_checkpoint) -> dict[str, Path]:
     return folders
 
 
+def strict_app(checkpoint: Path) -> dict:
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    entries = ",".join(entry for _, entry in STRICT_KEYS.values())
+    app = derived_app(
+        config,
+        "strict",
+        STRICT,
+        [{"id": "zimage", "model": str(checkpoint), "lora_dir": None,
+          "memory": {"budget_bytes": STRICT_BUDGET}, "requests_per_replica": 2}],
+        {"request_timeout_s": STRICT_TIMEOUT_S, "api_keys": {"max_in_flight": 1}},
+        {"T2I_API_KEYS": entries},
+    )  # fmt: skip
+    for d in app["deployments"]:
+        if d["name"] == "Ingress":
+            d.pop("autoscaling_config")  # one replica
+        d["ray_actor_options"] = {**d.get("ray_actor_options", {}), "num_cpus": 0.1}
+    return app
+
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, serve_checkpoint, lora_dirs):
     with local_service(
         tmp_path_factory.mktemp("serve"),
         [
-            {"id": "zimage", "model": str(serve_checkpoint), "lora_dir": str(lora_dirs["zimage"])},
+            # 24 a replica: the cancellation tests send 20 requests at once to one replica.
+            {
+                "id": "zimage",
+                "model": str(serve_checkpoint),
+                "lora_dir": str(lora_dirs["zimage"]),
+                "requests_per_replica": MAIN_REQUESTS_PER_REPLICA,
+            },
             {
                 "id": "sdxl",
                 "model": "tiny-sdxl",
                 "lora_dir": str(lora_dirs["sdxl"]),
                 "lora": {"slots": 2, "max_rank": 64, "cache_size": 8, "cache_bytes": 2**30},
+                "requests_per_replica": MAIN_REQUESTS_PER_REPLICA,
             },
         ],
         num_gpus=NUM_GPUS,
         num_cpus=4,
         ingress_max_replicas=1,
-        deployments={"Denoiser-sdxl": {"num_replicas": SDXL_REPLICAS}},
+        deployments={
+            "Denoiser-sdxl": {"num_replicas": SDXL_REPLICAS},
+            # Above what the models take in (24 + 2 x 24), with room to refuse what comes
+            # past it: see the README's "Bounded queues".
+            "Ingress": {"max_ongoing_requests": 80},
+        },
+        extra_apps=[strict_app(serve_checkpoint)],
     ) as svc:
         yield svc

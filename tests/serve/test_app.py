@@ -43,6 +43,10 @@ def test_replicas_are_placed_on_gpus_as_the_config_says(service):
         reserved += enc_gpus + replicas * den_gpus
         assert den["device"] == "cpu"  # no CUDA here: the engine runs on the CPU
     assert "GPU" not in deployment_config(service.config, "Ingress")["ray_actor_options"]
+    # The session's other application (the strict one) holds its own shares.
+    for app in service.config["applications"][1:]:
+        for d in app["deployments"]:
+            reserved += d.get("num_replicas", 1) * d["ray_actor_options"].get("num_gpus", 0)
     # ... is what Ray reserved: the rest of the logical GPUs is free.
     assert ray.available_resources().get("GPU", 0) == pytest.approx(NUM_GPUS - reserved)
 

@@ -25,7 +25,13 @@ import ray
 import yaml
 
 from load_tests.local_service import ROOT, free_port
-from tests.serve.conftest import SDXL_REPLICAS, SLOW, denoiser_record, wait_for
+from tests.serve.conftest import (
+    SDXL_REPLICAS,
+    SLOW,
+    denoiser_record,
+    leave_stream_at,
+    wait_for,
+)
 
 pytestmark = pytest.mark.serve
 
@@ -191,16 +197,7 @@ def traffic(service, prometheus, lora_dirs) -> Prometheus:
         assert post(service, SMALL).status_code == 200
     assert post(service, {**SMALL, "size": "250x256"}).status_code == 400
     victim = f"leaves-{uuid.uuid4().hex[:8]}"
-    with (
-        service.client() as http,
-        http.stream(  # leaves once its loop is under way
-            "POST",
-            "/v1/images/generations",
-            json={**SLOW, "stream": True},
-            headers={"X-Request-Id": victim},
-        ) as r,
-    ):
-        next(line for line in r.iter_lines() if '"step": 2' in line)
+    leave_stream_at(service, SLOW, victim, 2)  # once its loop is under way
     wait_for(lambda: denoiser_record(service, victim))  # the Denoiser recorded the cancel
     assert post(service, SMALL).status_code == 200
     # An adapter read afresh (a replaced file is loaded again: a miss, timed), and one
@@ -469,35 +466,109 @@ def test_alerts_fire_past_their_thresholds_and_only_there(tmp_path):
 
 
 # --- counts that follow known traffic --------------------------------------------------
+# Every counter is exported at 0 from the start (start_at_zero), so "the series exists"
+# holds with the counting deleted: these tests send known traffic and assert how much
+# each count grew. The service is shared by the session, so each reads its counts first.
 
 
-def lora_counts(service, model: str) -> dict[str, float]:
-    """t2i_lora_loads_total by result for `model`, summed over replicas, from Ray's export."""
+def exported(service, name: str, by: str, **match: str) -> dict[str, float]:
+    """Ray's export of counter `name` (e.g. "ray_t2i_requests_total"): samples whose
+    labels equal `match`, summed by the value of label `by` over the other labels
+    (replicas, models)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(service.metrics_url, timeout=30).text
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "ray_t2i_lora_loads_total" and sample.labels["model"] == model:
-                result = sample.labels["result"]
-                counts[result] = counts.get(result, 0.0) + sample.value
+            labels = sample.labels
+            if sample.name == name and all(labels.get(k) == v for k, v in match.items()):
+                counts[labels[by]] = counts.get(labels[by], 0.0) + sample.value
     return counts
 
 
+def grown(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {key: value - before.get(key, 0.0) for key, value in now.items()}
+
+
+def settled(read, expected, timeout: float = 30):
+    """read() once it equals `expected`, or its last value after `timeout` s (Ray exports
+    every second in tests, and the ingress counts an answered request after sending it)."""
+    deadline = time.monotonic() + timeout
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
 def test_lora_hits_misses_and_errors_are_counted(service, lora_dirs):
-    before = lora_counts(service, "zimage")
+    def lora_counts() -> dict[str, float]:
+        return exported(service, "ray_t2i_lora_loads_total", "result", model="zimage")
+
+    before = lora_counts()
     adapter = lora_dirs["zimage"] / "tiny-kohya.safetensors"
     os.utime(adapter, ns=(time.time_ns(), time.time_ns()))  # replaced: read again
     body = {**SMALL, "lora": {"name": "tiny-kohya"}}
     assert post(service, body).status_code == 200  # a miss
     assert post(service, body).status_code == 200  # a hit
     assert post(service, {**SMALL, "lora": {"name": "broken"}}).status_code == 422  # an error
-    expected = {r: before.get(r, 0.0) + 1 for r in ("miss", "hit", "error")}
+    expected = {"miss": 1.0, "hit": 1.0, "error": 1.0}
+    assert settled(lambda: grown(lora_counts(), before), expected) == expected
 
-    def counted():
-        now = lora_counts(service, "zimage")
-        return now if all(now.get(r, 0.0) >= n for r, n in expected.items()) else None
 
-    now = wait_for(counted, timeout=30)
-    assert {r: now[r] for r in expected} == expected
+def outcomes(service) -> dict[str, float]:
+    """t2i_requests_total by outcome, over every model (and "unknown")."""
+    return exported(service, "ray_t2i_requests_total", "outcome")
+
+
+def cancelled_steps(service) -> float:
+    counts = exported(service, "ray_t2i_cancelled_steps_total", "model", model="zimage")
+    return counts.get("zimage", 0.0)
+
+
+def test_each_outcome_and_the_steps_a_cancel_saved_are_counted(service, prometheus):
+    """Two invalid requests (one refused before its model is known), a client that leaves
+    in the step loop, one ok: each outcome's count grows by exactly that, the cancelled
+    steps by the steps the Denoiser did not run, and Prometheus scrapes the new totals."""
+    before, steps_before = outcomes(service), cancelled_steps(service)
+    with service.client() as http:
+        bad_json = http.post("/v1/images/generations", content=b"{not json")
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+    assert post(service, {**SMALL, "size": "250x256"}).status_code == 400
+    victim = f"leaves-{uuid.uuid4().hex[:8]}"
+    leave_stream_at(service, SLOW, victim, 2)  # once its loop is under way
+    record = wait_for(lambda: denoiser_record(service, victim))
+    assert record["stage"] == "denoise"
+    not_run = record["steps_total"] - record["steps_done"]
+    assert not_run > 0
+    assert post(service, SMALL).status_code == 200
+
+    expected = {
+        "ok": 1.0,
+        "invalid": 2.0,
+        "cancelled": 1.0,
+        "rejected": 0.0,
+        "oom": 0.0,
+        "error": 0.0,
+        "cancelled steps": float(not_run),
+    }
+
+    def counted() -> dict[str, float]:
+        return {
+            **grown(outcomes(service), before),
+            "cancelled steps": cancelled_steps(service) - steps_before,
+        }
+
+    assert settled(counted, expected) == expected
+
+    # What Prometheus scraped: the same totals as the export now.
+    totals = {**outcomes(service), "cancelled steps": cancelled_steps(service)}
+
+    def scraped() -> dict[str, float]:
+        by_outcome = prometheus.query("sum by (outcome) (ray_t2i_requests_total)")
+        steps = prometheus.query('sum(ray_t2i_cancelled_steps_total{model="zimage"})')
+        return {
+            **{r["metric"]["outcome"]: float(r["value"][1]) for r in by_outcome},
+            "cancelled steps": float(steps[0]["value"][1]) if steps else 0.0,
+        }
+
+    assert settled(scraped, totals) == totals

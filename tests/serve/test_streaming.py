@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import SLOW, denoiser_record, wait_for
+from tests.serve.conftest import SLOW, denoiser_record, leave_stream_at, wait_for
 from tests.serve.test_app import png
 
 pytestmark = pytest.mark.serve
@@ -101,19 +101,7 @@ def test_the_openai_client_reads_the_stream(service):
 
 def test_a_client_that_leaves_mid_stream_stops_the_loop_within_one_step(service):
     victim = f"stream-leaves-{uuid.uuid4().hex[:8]}"
-    with (
-        service.client() as http,
-        http.stream(
-            "POST",
-            "/v1/images/generations",
-            json={**SLOW, "stream": True},
-            headers={"X-Request-Id": victim},
-        ) as r,
-    ):
-        assert r.status_code == 200
-        for line in r.iter_lines():  # wait for the loop to be under way, then leave
-            if '"step": 3' in line:
-                break
+    leave_stream_at(service, SLOW, victim, 3)  # once the loop is under way
     record = wait_for(lambda: denoiser_record(service, victim))
     assert record["stage"] == "denoise"
     assert 3 <= record["steps_done"] < SLOW["num_inference_steps"]

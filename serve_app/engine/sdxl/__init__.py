@@ -11,13 +11,14 @@ from serve_app.engine.sdxl.denoiser import (
     Options,
     SDXLDenoiser,
 )
-from serve_app.engine.sdxl.encoder import SDXLEncoder, uses_guidance
+from serve_app.engine.sdxl.encoder import GUIDANCE_ABOVE, SDXLEncoder, uses_guidance
 
 Encoder, Denoiser = SDXLEncoder, SDXLDenoiser
 SCHEDULER = "EulerAncestralDiscreteScheduler"
 
 __all__ = [
     "DEFAULT_PRESET",
+    "GUIDANCE_ABOVE",
     "LORA",
     "PRESETS",
     "SCHEDULER",

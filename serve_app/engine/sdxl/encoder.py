@@ -13,10 +13,13 @@ from serve_app.engine.cancel import CancelToken
 from serve_app.errors import PromptTooLong
 from serve_app.messages import GenerationParams
 
+# StableDiffusionXLPipeline's rule: classifier-free guidance above this guidance_scale.
+GUIDANCE_ABOVE = 1.0
+
 
 def uses_guidance(params: GenerationParams) -> bool:
     """StableDiffusionXLPipeline's rule: classifier-free guidance for guidance_scale > 1."""
-    return params.guidance_scale > 1
+    return params.guidance_scale > GUIDANCE_ABOVE
 
 
 class SDXLEncoder:

@@ -11,13 +11,14 @@ from serve_app.engine.zimage.denoiser import (
     Options,
     ZImageDenoiser,
 )
-from serve_app.engine.zimage.encoder import ZImageEncoder, uses_guidance
+from serve_app.engine.zimage.encoder import GUIDANCE_ABOVE, ZImageEncoder, uses_guidance
 
 Encoder, Denoiser = ZImageEncoder, ZImageDenoiser
 SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 __all__ = [
     "DEFAULT_PRESET",
+    "GUIDANCE_ABOVE",
     "LORA",
     "PRESETS",
     "SCHEDULER",

@@ -14,9 +14,13 @@ from serve_app.messages import GenerationParams
 MAX_PROMPT_TOKENS = 512
 
 
+# ZImagePipeline's rule: classifier-free guidance above this guidance_scale.
+GUIDANCE_ABOVE = 0.0
+
+
 def uses_guidance(params: GenerationParams) -> bool:
     """ZImagePipeline's rule: classifier-free guidance for any guidance_scale > 0."""
-    return params.guidance_scale > 0
+    return params.guidance_scale > GUIDANCE_ABOVE
 
 
 def chat_token_ids(tokenizer, text: str) -> list[int]:
