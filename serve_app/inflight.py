@@ -57,6 +57,7 @@ class ModelLimit:
 class _Record:
     model: str | None
     key: str | None
+    owner: str | None
     opened: float = field(default_factory=time.monotonic)
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     stopped: asyncio.Future = field(
@@ -85,10 +86,12 @@ class InFlight:
         model: str | None = None,
         key: str | None = None,
         key_limit: int | None = None,
+        owner: str | None = None,
     ) -> dict | None:
         """Register a request, or refuse it: None when taken, else {"reason":
         "duplicate"} (a request with this id is in flight), {"reason": "queue", "limit",
-        "retry_after_s"} or {"reason": "key_limit", "limit", "retry_after_s"}."""
+        "retry_after_s"} or {"reason": "key_limit", "limit", "retry_after_s"}. `owner`:
+        who may close the record (see close)."""
         now = time.monotonic()
         for rid in [
             r for r, rec in self._records.items() if now - rec.opened > self._stale_after_s
@@ -110,7 +113,7 @@ class InFlight:
                 wait = math.ceil(self._mean_s.get(model, 1.0) * ahead)
                 retry = min(max(wait, 1), MAX_RETRY_AFTER_S)
                 return {"reason": "queue", "limit": limit, "retry_after_s": retry}
-        self._records[request_id] = _Record(model, key)
+        self._records[request_id] = _Record(model, key, owner)
         return None
 
     async def _running(self, model: str) -> int:
@@ -154,12 +157,14 @@ class InFlight:
         except TimeoutError:
             return {"stage": "unknown", "note": f"no stop report within {wait_s} s"}
 
-    async def close(self, request_id: str, report: dict | None) -> None:
+    async def close(self, request_id: str, report: dict | None, owner: str | None = None) -> None:
         """The owner's last word on a request: where it stopped if it was cancelled, None
-        if it ended otherwise. A waiting `cancel` gets `report`."""
-        rec = self._records.pop(request_id, None)
-        if rec is None:
+        if it ended otherwise. A waiting `cancel` gets `report`. A record opened with an
+        owner is closed by that owner only (a duplicate id's caller cannot close it)."""
+        rec = self._records.get(request_id)
+        if rec is None or rec.owner != owner:
             return
+        del self._records[request_id]
         if report is None and rec.model is not None:  # it ran to its end
             took = time.monotonic() - rec.opened
             mean = self._mean_s.get(rec.model, took)

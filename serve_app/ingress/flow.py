@@ -6,6 +6,7 @@ is still running downstream."""
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -127,9 +128,13 @@ class Flow:
         the replicas raise. A client that leaves cancels this coroutine, and with it
         everything.
         """
-        registered = False
+        registered, owner = False, uuid.uuid4().hex
+        opening = self.inflight.open.remote(request_id, model_id, key, key_limit, owner)
         try:
-            refusal = await _call(self.inflight.open.remote(request_id, model_id, key, key_limit))
+            refusal = await _call(opening)
+        except asyncio.CancelledError:  # the client left: its record may have been made
+            self.inflight.close.remote(request_id, None, owner)
+            raise
         except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
             logger.warning("request %s: admission and cancel-by-id unavailable", request_id,
                            exc_info=True)  # fmt: skip
@@ -170,7 +175,7 @@ class Flow:
             if listen is not None:
                 listen.cancel()  # cancels the pending watch call too
             if registered:
-                self.inflight.close.remote(request_id, report)
+                self.inflight.close.remote(request_id, report, owner)
 
     async def _run(self, request_id, model_id, params, encoding, state, on_event) -> Result:
         """The request's trip. A replica that dies under it is retried once, on the
