@@ -20,7 +20,6 @@ from tests.serve.conftest import (
     STRICT,
     STRICT_KEYS,
     STRICT_TIMEOUT_S,
-    denoiser_record,
     wait_for,
 )
 
@@ -28,6 +27,11 @@ pytestmark = pytest.mark.serve
 
 SMALL = {"prompt": "a small one", "size": "256x256", "num_inference_steps": 2}
 PATH = "/v1/images/generations"
+
+
+# Held in flight until the test lets it go (or the strict deadline), with steps short
+# enough that it stops soon after.
+HELD = {"prompt": "held", "size": "1024x1024", "num_inference_steps": 100}
 
 
 def rid(name: str) -> str:
@@ -128,7 +132,7 @@ def test_a_key_at_its_limit_and_a_full_model_are_refused_429_at_once(service):
     async def scenario():
         running = []
         for name in ("alice", "bob"):
-            task = asyncio.ensure_future(_slow_stream(url, key(name), LONG))
+            task = asyncio.ensure_future(_slow_stream(url, key(name), HELD))
             running.append(task)
             deadline = time.monotonic() + 60
             while not await asyncio.to_thread(in_flight, name):
@@ -153,7 +157,8 @@ def test_a_key_at_its_limit_and_a_full_model_are_refused_429_at_once(service):
         assert int(r.headers["retry-after"]) >= 1
         assert took < 0.1, f"refused in {took * 1000:.0f} ms"
     # The two that left were cancelled; the keys and the model take requests again.
-    wait_for(lambda: not in_flight("alice") and not in_flight("bob"), timeout=60)
+    # They stop at a step boundary: on a loaded CPU that can take a while.
+    wait_for(lambda: not in_flight("alice") and not in_flight("bob"), timeout=120)
     with strict(service, "carol") as http:
         assert http.post(PATH, json=SMALL).status_code == 200
 
@@ -224,8 +229,10 @@ def running(deployment: str) -> int:
 
 
 def test_an_encoder_replica_that_dies_costs_no_request(service):
-    """Its requests are retried on the replica Ray starts instead (the encoder's answer
-    reaches no client), or answered 503 with Retry-After; none is lost or answered 500."""
+    """Its requests are answered 200 or 503 with Retry-After, never 500 or not at all, and
+    the replica Ray starts serves. (Whether a 200 came from the flow's retry or from a
+    request that reached the new replica first is not told apart here; the retry is
+    what test_denoiser_replicas_killed_mid_request shows.)"""
     assert _kill("PromptEncoder-sdxl") == 1
     with service.client(timeout=180) as http:
         answers = [http.post(PATH, json={**SMALL, "model": "sdxl"}) for _ in range(3)]
@@ -233,12 +240,7 @@ def test_an_encoder_replica_that_dies_costs_no_request(service):
         assert r.status_code in (200, 503), r.text
         if r.status_code == 503:
             assert r.headers["retry-after"] and error(r)["code"] in ("replica_failed", "not_ready")
-    assert any(r.status_code == 200 for r in answers)  # retried, not lost
+    assert any(r.status_code == 200 for r in answers)
     wait_for(lambda: running("PromptEncoder-sdxl") == 1, timeout=180, every=1)
     with service.client(timeout=180) as http:
         assert http.post(PATH, json={**SMALL, "model": "sdxl"}).status_code == 200
-
-
-def test_denoiser_cancel_records_survive_for_the_main_app(service):
-    """The strict app's requests never touch the main app's replicas."""
-    assert denoiser_record(service, "never-sent") is None
