@@ -130,6 +130,13 @@ def _ready(url: str) -> bool:
     return ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
+def _running(app: str) -> bool:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return status is not None and status.status == "RUNNING"
+
+
 @contextmanager
 def local_service(
     workdir: Path,
@@ -177,9 +184,11 @@ def local_service(
         )  # fmt: skip
         url = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + ready_timeout_s
+        # Ready: every replica the config asks for is running (Serve's RUNNING app, not
+        # only a /readyz that one replica per model answers), and each app says ready.
         for app in config["applications"]:
             prefix = app["route_prefix"].rstrip("/")
-            while not _ready(f"{url}{prefix}/readyz"):
+            while not (_running(app["name"]) and _ready(f"{url}{prefix}/readyz")):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the app did not become ready: {serve.status()}")
                 time.sleep(0.5)
