@@ -19,10 +19,18 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import ray
 from ray import serve
 
-# How often the running replicas of each model are asked of Serve's controller.
-REPLICAS_REFRESH_S = 2.0
+# How often the running replicas of each model are asked of Serve's controller, and how
+# often the live ones of Ray's actor table. The controller's answer is exact but dear
+# (serve.status(): ~100 ms of this process's CPU, measured on the dev machine, while the
+# GIL slows the event loop every admission waits on); the actor table costs ~0.3 ms and
+# shows a replica that died at once, but counts one still starting too. Their minimum:
+# a new replica counts within RUNNING_REFRESH_S of being ready, a dead one within
+# LIVE_REFRESH_S.
+RUNNING_REFRESH_S = 15.0
+LIVE_REFRESH_S = 1.0
 # Weight of the newest request in the running mean of request times (Retry-After).
 MEAN_WEIGHT = 0.2
 MAX_RETRY_AFTER_S = 60
@@ -76,8 +84,9 @@ class InFlight:
     def __init__(self, limits: dict[str, ModelLimit], stale_after_s: float) -> None:
         self._records: dict[str, _Record] = {}
         self._limits, self._stale_after_s = limits, stale_after_s
-        self._replicas: dict[str, int] = {}
-        self._replicas_at = -math.inf
+        self._running_replicas: dict[str, int] = {}
+        self._live_replicas: dict[str, int] = {}
+        self._running_at = self._live_at = -math.inf
         self._mean_s: dict[str, float] = {}
 
     async def open(
@@ -118,21 +127,37 @@ class InFlight:
 
     async def _running(self, model: str) -> int:
         """Running Denoiser replicas of `model` (at least 1: while none runs, requests
-        wait for the first as Serve's router makes them)."""
-        if time.monotonic() - self._replicas_at > REPLICAS_REFRESH_S:
-            self._replicas_at = time.monotonic()
-            # On a failure the last count stays: the controller is back soon.
+        wait for the first as Serve's router makes them). On a failure to ask, the last
+        count stays: the controller is back soon."""
+        now = time.monotonic()
+        if now - self._running_at > RUNNING_REFRESH_S:
+            self._running_at = now
             with contextlib.suppress(Exception):
-                self._replicas = await asyncio.to_thread(self._ask_replicas)
-        return max(self._replicas.get(model, 1), 1)
+                self._running_replicas = await asyncio.to_thread(self._ask_running)
+        if now - self._live_at > LIVE_REFRESH_S:
+            self._live_at = now
+            with contextlib.suppress(Exception):
+                self._live_replicas = self._ask_live()
+        running = self._running_replicas.get(model, 1)
+        return max(min(running, self._live_replicas.get(model, running)), 1)
 
-    def _ask_replicas(self) -> dict[str, int]:
+    def _ask_running(self) -> dict[str, int]:
         app = serve.get_replica_context().app_name
         deployments = serve.status().applications[app].deployments
         return {
             model: deployments[limit.denoiser].replica_states.get("RUNNING", 0)
             for model, limit in self._limits.items()
             if limit.denoiser in deployments
+        }
+
+    def _ask_live(self) -> dict[str, int]:
+        """Replica actors alive or starting, by model: Serve names each
+        SERVE_REPLICA::<app>#<deployment>#<id>."""
+        app = serve.get_replica_context().app_name
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        return {
+            model: sum(n.startswith(f"SERVE_REPLICA::{app}#{limit.denoiser}#") for n in names)
+            for model, limit in self._limits.items()
         }
 
     async def watch(self, request_id: str) -> bool:
