@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import ray
@@ -34,6 +35,12 @@ LIVE_REFRESH_S = 1.0
 # Weight of the newest request in the running mean of request times (Retry-After).
 MEAN_WEIGHT = 0.2
 MAX_RETRY_AFTER_S = 60
+
+
+def replica_prefix(app: str, deployment: str) -> str:
+    """The start of the names Serve gives a deployment's replica actors (namespace
+    "serve"): SERVE_REPLICA::<app>#<deployment>#<replica id>."""
+    return f"SERVE_REPLICA::{app}#{deployment}#"
 
 
 class DuplicateRequestId(Exception):
@@ -151,14 +158,21 @@ class InFlight:
         }
 
     def _ask_live(self) -> dict[str, int]:
-        """Replica actors alive or starting, by model: Serve names each
-        SERVE_REPLICA::<app>#<deployment>#<id>."""
+        """Replica actors alive or starting, by model."""
         app = serve.get_replica_context().app_name
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
         return {
-            model: sum(n.startswith(f"SERVE_REPLICA::{app}#{limit.denoiser}#") for n in names)
+            model: sum(n.startswith(replica_prefix(app, limit.denoiser)) for n in names)
             for model, limit in self._limits.items()
         }
+
+    def held(self) -> dict[str, dict[str, int]]:
+        """Requests in flight now: {"models": {model: n}, "keys": {key: n}}."""
+        models, keys = Counter(), Counter()
+        for rec in self._records.values():
+            models[rec.model] += rec.model is not None
+            keys[rec.key] += rec.key is not None
+        return {"models": +models, "keys": +keys}
 
     async def watch(self, request_id: str) -> bool:
         """Return True when a cancel is requested (False at once for an unknown id). The

@@ -44,14 +44,14 @@ def _ports(*named: tuple[str, int]) -> list[dict]:
     return [{"name": name, "containerPort": port} for name, port in named]
 
 
-def _container(name: str, resources: dict, **extra) -> dict:
+def _container(name: str, resources: dict, mounts: tuple[dict, ...] = (), **extra) -> dict:
     return {
         "name": name,
         "image": IMAGE,
         "resources": {"requests": resources, "limits": resources},
         # Ray's object store lives in /dev/shm: the pod's default 64 MiB would not hold
         # one image's pixels for long.
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *extra.pop("mounts", [])],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, *mounts],
         **extra,
     }
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import ray
 
+from serve_app.inflight import replica_prefix
 from tests.serve.conftest import (
     LONG,
     SDXL_REPLICAS,
@@ -121,13 +122,7 @@ def test_a_key_at_its_limit_and_a_full_model_are_refused_429_at_once(service):
     inflight = service.handle("InFlight", app="strict")
 
     def in_flight(name: str) -> bool:
-        """Whether `name` has a request in flight: a probe under its key, with a limit of
-        1, is refused then (and closed at once if it was taken)."""
-        probe = rid("probe")
-        answer = inflight.open.remote(probe, None, name, 1).result()
-        if answer is None:
-            inflight.close.remote(probe, None).result()
-        return answer is not None and answer["reason"] == "key_limit"
+        return inflight.held.remote().result()["keys"].get(name, 0) > 0
 
     async def scenario():
         running = []
@@ -179,7 +174,7 @@ def test_a_request_past_the_deadline_is_cancelled_and_answered_504(service):
 
 def _kill(deployment: str) -> int:
     """Kill every replica of one of the main app's deployments; how many there were."""
-    prefix = f"SERVE_REPLICA::t2i#{deployment}#"
+    prefix = replica_prefix("t2i", deployment)
     names = [
         a["name"]
         for a in ray.util.list_named_actors(all_namespaces=True)
