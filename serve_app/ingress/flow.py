@@ -104,6 +104,27 @@ class Flow:
         denoisers: dict[str, DeploymentHandle],
     ):
         self.inflight, self.encoders, self.denoisers = inflight, encoders, denoisers
+        self._closing: set[asyncio.Task] = set()
+
+    def _close(self, request_id: str, report: dict | None, owner: str) -> None:
+        """Close the request's InFlight record, in the background (the caller may be
+        unwinding a cancellation), retried: a record left open holds its key's and its
+        model's admission slot until it goes stale."""
+        task = asyncio.ensure_future(self._close_retried(request_id, report, owner))
+        self._closing.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_retried(self, request_id, report, owner, attempts: int = 6) -> None:
+        for attempt in range(attempts):
+            try:
+                await self.inflight.close.remote(request_id, report, owner)
+                return
+            except Exception:  # noqa: BLE001 - retried, then logged
+                if attempt == attempts - 1:
+                    logger.exception("request %s: its in-flight record could not be closed; "
+                                     "it goes stale on its own", request_id)  # fmt: skip
+                    return
+                await asyncio.sleep(0.25 * 2**attempt)
 
     async def run(
         self,
@@ -133,7 +154,7 @@ class Flow:
         try:
             refusal = await _call(opening)
         except asyncio.CancelledError:  # the client left: its record may have been made
-            self.inflight.close.remote(request_id, None, owner)
+            self._close(request_id, None, owner)
             raise
         except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
             logger.warning("request %s: admission and cancel-by-id unavailable", request_id,
@@ -175,7 +196,7 @@ class Flow:
             if listen is not None:
                 listen.cancel()  # cancels the pending watch call too
             if registered:
-                self.inflight.close.remote(request_id, report, owner)
+                self._close(request_id, report, owner)
 
     async def _run(self, request_id, model_id, params, encoding, state, on_event) -> Result:
         """The request's trip. A replica that dies under it is retried once, on the

@@ -40,15 +40,27 @@ STRICT_TIMEOUT_S = 20.0
 LONG = {"prompt": "a long one", "size": "1536x1536", "num_inference_steps": 100}
 
 
-def wait_for(predicate, timeout=30.0, every=0.05):
-    """predicate()'s first true value, polling; fails the test after `timeout` s."""
+def wait_for(predicate, timeout=30.0, every=0.05, why=None):
+    """predicate()'s first true value, polling; fails the test after `timeout` s, with
+    `why()` in the message if given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError("timed out waiting")
+    raise AssertionError(f"timed out waiting after {timeout} s" + (f": {why()}" if why else ""))
+
+
+def serve_log_tail(app: str, deployment: str, lines: int = 60) -> str:
+    """The last lines of the newest replica log of `app`'s `deployment` (this session's
+    Ray logs), for a failure's message."""
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    found = sorted(logs.glob(f"replica_{app}_{deployment}_*.log"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return f"(no replica log of {app}/{deployment} under {logs})"
+    tail = found[-1].read_text(errors="replace").splitlines()[-lines:]
+    return f"{found[-1]}:\n" + "\n".join(tail)
 
 
 def leave_stream_at(service, body: dict, request_id: str, step: int) -> None:

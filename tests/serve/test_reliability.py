@@ -21,6 +21,7 @@ from tests.serve.conftest import (
     STRICT,
     STRICT_KEYS,
     STRICT_TIMEOUT_S,
+    serve_log_tail,
     wait_for,
 )
 
@@ -153,7 +154,11 @@ def test_a_key_at_its_limit_and_a_full_model_are_refused_429_at_once(service):
         assert took < 0.1, f"refused in {took * 1000:.0f} ms"
     # The two that left were cancelled; the keys and the model take requests again.
     # They stop at a step boundary: on a loaded CPU that can take a while.
-    wait_for(lambda: not in_flight("alice") and not in_flight("bob"), timeout=120)
+    released = lambda: not in_flight("alice") and not in_flight("bob")  # noqa: E731
+    wait_for(released, timeout=120, why=lambda: (
+        f"still in flight: {inflight.held.remote().result()}\n"
+        + serve_log_tail("strict", "Ingress")
+    ))  # fmt: skip
     with strict(service, "carol") as http:
         assert http.post(PATH, json=SMALL).status_code == 200
 
