@@ -175,13 +175,16 @@ def local_service(
     serve_cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
     started = time.monotonic()
     try:
-        subprocess.run(
+        deployed = subprocess.run(
             [*serve_cli, "run", "--address", ray.get_runtime_context().gcs_address,
              "--non-blocking", str(path)],
-            check=True,
             cwd=ROOT,
             capture_output=True,
+            text=True,
         )  # fmt: skip
+        if deployed.returncode != 0:
+            raise RuntimeError(f"serve run failed ({deployed.returncode}):\n"
+                               f"{deployed.stderr[-4000:]}")  # fmt: skip
         url = f"http://127.0.0.1:{http_port}"
         deadline = time.monotonic() + ready_timeout_s
         # Ready: every replica the config asks for is running (Serve's RUNNING app, not
