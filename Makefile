@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
 
-.PHONY: install serve test prometheus browser nginx report lint format bench loadtest clean
+.PHONY: install serve test prometheus browser nginx report lint format bench loadtest train-demo clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -57,13 +57,21 @@ loadtest: install
 	$(BIN)/python -m load_tests.loadtest --local --scenario steady burst overload storm \
 	  --duration 15 --capacity-duration 10 $(LOADTEST_ARGS)
 
+# Train the demo model (training/train_demo.py) into serve_app/data/demo, where `make serve`
+# finds it: ~8 minutes on one H100/H200 (the README's "The demo model" says what the
+# shipped weights took). TRAIN_ARGS='--plan cpu-resume --resume' continues it on a CPU.
+DEMO_OUT ?= serve_app/data/demo
+TRAIN_ARGS ?=
+train-demo: install
+	$(BIN)/python -m training.train_demo --out $(DEMO_OUT) $(TRAIN_ARGS)
+
 lint: install
-	$(BIN)/ruff check serve_app tests load_tests
-	$(BIN)/ruff format --check serve_app tests load_tests
+	$(BIN)/ruff check serve_app tests load_tests training deploy
+	$(BIN)/ruff format --check serve_app tests load_tests training deploy
 
 format: install
-	$(BIN)/ruff format serve_app tests load_tests
-	$(BIN)/ruff check --fix serve_app tests load_tests
+	$(BIN)/ruff format serve_app tests load_tests training deploy
+	$(BIN)/ruff check --fix serve_app tests load_tests training deploy
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

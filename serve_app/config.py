@@ -75,10 +75,13 @@ class ModelSettings(BaseModel):
 
     Args:
         id: the `model` a request names and GET /v1/models lists.
-        model: "tiny" (embedded Z-Image) or "tiny-sdxl" (embedded SDXL), generated on
-            first use and drawing noise, or the path of a local diffusers-format folder,
-            e.g. a download of Tongyi-MAI/Z-Image-Turbo. Its family (zimage, sdxl) is
-            read from the folder's model_index.json.
+        model: "demo" (the shipped Z-Image demo model: it draws captioned shapes, see
+            training/), "tiny" (embedded Z-Image) or "tiny-sdxl" (embedded SDXL), both
+            generated on first use and drawing noise, or the path of a local
+            diffusers-format folder, e.g. a download of Tongyi-MAI/Z-Image-Turbo, or
+            the URI of one (file://, s3://, gs://), copied to local disk once per node
+            and checked against its SHA256SUMS (serve_app/engine/fetch.py). Its family
+            (zimage, sdxl) is read from the folder's model_index.json.
         device: "auto" (CUDA if present, else CPU), "cuda", "cuda:1" or "cpu".
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
         attention_backend: diffusers attention backend of the denoiser: "native"
@@ -90,7 +93,8 @@ class ModelSettings(BaseModel):
             without guidance (and adapters), so that no request pays compilation or
             first-call costs; the replica reports ready only after them. Empty, or on a
             CPU: the smallest size only.
-        presets: named settings (size, steps, guidance, adapters); default: the family's
+        presets: named settings (size, steps, guidance, adapters); default: the
+            checkpoint's own presets.json if it has one (the demo's), else the family's
             (zimage: turbo; sdxl: niannian). A preset's adapter applies only where a
             file of that name is in `lora_dir`.
         default_preset: the preset a request without one gets; default: the first.

@@ -1,7 +1,7 @@
 """The engine: plain torch + diffusers, no Ray. One package per model family.
 
-encoder = load_encoder("tiny")            # or "tiny-sdxl", or a local diffusers folder
-denoiser = load_denoiser("tiny")
+encoder = load_encoder("demo")            # or "tiny", "tiny-sdxl", or a local folder
+denoiser = load_denoiser("demo")
 embeddings = encoder.encode_params(params)
 [pixels] = denoiser.generate(params, embeddings)
 """
@@ -46,7 +46,7 @@ def pick_compile(compile: bool | str, device: torch.device) -> bool:
 
 
 def load_encoder(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load the prompt encoder of `model` ("tiny", "tiny-sdxl" or a local folder)."""
+    """Load the prompt encoder of `model` ("demo", "tiny", "tiny-sdxl" or a local folder)."""
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
     return family_module(family).Encoder.from_pretrained(path, dev, pick_dtype(dtype, dev))
@@ -71,7 +71,7 @@ def load_denoiser(
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
     module = family_module(family)
-    return module.Denoiser.from_pretrained(
+    denoiser = module.Denoiser.from_pretrained(
         path,
         dev,
         pick_dtype(dtype, dev),
@@ -80,3 +80,7 @@ def load_denoiser(
         module.Options.model_validate(options or {}),
         lora,
     )
+    own = checkpoint.read_presets(path)
+    if own is not None:  # the checkpoint's presets replace its family's
+        denoiser.presets, denoiser.default_preset = own
+    return denoiser

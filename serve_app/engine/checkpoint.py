@@ -1,4 +1,5 @@
-"""Where model weights come from: a local diffusers-format folder, or an embedded `tiny`.
+"""Where model weights come from: a local diffusers-format folder, the shipped `demo`, or
+an embedded `tiny`.
 
 Nothing is ever fetched from a hub: every `from_pretrained` here reads a local folder.
 The family is read from the folder's model_index.json, never guessed from its name.
@@ -20,6 +21,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 FAMILIES = {"ZImagePipeline": "zimage", "StableDiffusionXLPipeline": "sdxl"}
 # Embedded checkpoints, generated on first use by their family's `tiny` module.
 TINY = {"tiny": "zimage", "tiny-sdxl": "sdxl"}
+# Checkpoints shipped in the package: the demo model, trained by training/train_demo.py.
+SHIPPED = {"demo": Path(__file__).parents[1] / "data" / "demo"}
+# A checkpoint folder's own presets, if it has them (the demo's): {"presets": {name:
+# {width, height, num_inference_steps, guidance_scale, loras}}, "default_preset": name}.
+PRESETS_FILE = "presets.json"
 
 
 class CheckpointError(ValueError):
@@ -35,11 +41,19 @@ def resolve(model: str) -> tuple[Path, str]:
     """Turn the `model` setting into (folder, family).
 
     Args:
-        model: "tiny" (Z-Image) or "tiny-sdxl" for an embedded checkpoint (generated on
-            first use), or the path of a local diffusers-format folder such as a
-            download of Tongyi-MAI/Z-Image-Turbo or stabilityai/stable-diffusion-xl-base-1.0.
+        model: "demo" (the shipped Z-Image demo model), "tiny" (Z-Image) or "tiny-sdxl"
+            for an embedded checkpoint (generated on first use), or the path of a local
+            diffusers-format folder such as a download of Tongyi-MAI/Z-Image-Turbo or
+            stabilityai/stable-diffusion-xl-base-1.0, or the URI of one (file://, s3://,
+            gs://: see serve_app/engine/fetch.py).
     """
-    if model in TINY:
+    if model in SHIPPED:
+        path = SHIPPED[model]
+    elif "://" in model:  # copied to local disk once per node, checked (see fetch)
+        from serve_app.engine.fetch import local_copy
+
+        path = local_copy(model, cache_dir())
+    elif model in TINY:
         tiny = importlib.import_module(f"serve_app.engine.{TINY[model]}.tiny")
         path = tiny.ensure_tiny(cache_dir())
     else:
@@ -53,8 +67,8 @@ def family_of(path: Path, model: str | None = None) -> str:
     if not index.is_file():
         raise CheckpointError(
             f"model={model or str(path)!r}: no model_index.json in {path}. Set `model` to one "
-            f"of {', '.join(TINY)} or to a local diffusers-format folder (e.g. a download of "
-            "Tongyi-MAI/Z-Image-Turbo)."
+            f"of {', '.join([*SHIPPED, *TINY])} or to a local diffusers-format folder (e.g. a "
+            "download of Tongyi-MAI/Z-Image-Turbo)."
         )
     try:
         class_name = json.loads(index.read_text()).get("_class_name")
@@ -68,6 +82,22 @@ def family_of(path: Path, model: str | None = None) -> str:
             f"supported: {', '.join(sorted(FAMILIES))}."
         )
     return FAMILIES[class_name]
+
+
+def read_presets(path: Path) -> tuple[dict[str, dict], str] | None:
+    """(presets, default preset) of the checkpoint folder `path`, from its presets.json,
+    or None if it has none (its family's presets apply)."""
+    file = path / PRESETS_FILE
+    if not file.is_file():
+        return None
+    try:
+        content = json.loads(file.read_text())
+        presets, default = content["presets"], content["default_preset"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{file} is unreadable: {exc!r}") from None
+    if default not in presets:
+        raise CheckpointError(f"{file}: default_preset {default!r} is not among its presets")
+    return presets, default
 
 
 def save_once(final: Path, save: Callable[[Path], None], marker: str = "model_index.json") -> Path:

@@ -6,6 +6,8 @@ scripts/serve ends with `ray stop --force`, which stops every Ray process on the
 machine: this runs before tests/serve starts the session's cluster, never beside one.
 """
 
+import concurrent.futures
+import io
 import os
 import signal
 import subprocess
@@ -14,9 +16,13 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import yaml
+from PIL import Image
 
 from load_tests.local_service import ROOT, free_port
+from tests.serve.test_readme import snippet
+from training.evaluate import colour_at, colour_away
 
 SERVE = Path(sys.executable).with_name("serve")
 
@@ -75,17 +81,38 @@ def test_serve_cli_drives_the_cluster_make_serve_starts(tmp_path):
         )  # fmt: skip
     try:
         wait_until(lambda: ready(url), 300, "make serve was not ready", log)
+        # The README's first example, as written, draws what it asks of the embedded
+        # default (the demo model).
+        curl = snippet("sh", "a red circle").replace("http://127.0.0.1:8000", url)
+        subprocess.run(["bash", "-c", curl], cwd=tmp_path, check=True, timeout=120)
+        circle = np.asarray(Image.open(tmp_path / "circle.png").convert("RGB"))
+        assert circle.shape == (256, 256, 3)
+        assert (colour_at(circle, "centre"), colour_away(circle, ["centre"])) == ("red", "blue")
         # Without the token the CLI is refused (what an operator saw before the README
         # said what to set); with RAY_AUTH_MODE=token it finds ~/.ray/auth_token.
         refused = cli("status", auth=False)
         assert refused.returncode != 0 and "auth" in refused.stderr.lower()
         assert status()["applications"]["t2i"]["status"] == "RUNNING"
 
-        # serve deploy: a changed config reaches the running app.
+        # serve deploy: a changed config reaches the running app; its replicas are
+        # replaced, and the old ones drain: a request drawing when the deploy comes in
+        # is finished, not dropped (graceful_shutdown_timeout_s above request_timeout_s).
         config["applications"][0]["args"]["request_timeout_s"] = 123
         path.write_text(yaml.safe_dump(config))
-        deployed = cli("deploy", str(path))
-        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        long = {"prompt": "a white star at the bottom on a blue background", "seed": 2,
+                "size": "512x512", "num_inference_steps": 60, "guidance_scale": 0}  # fmt: skip
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            drawing = pool.submit(httpx.post, f"{url}/generate", json=long, timeout=300)
+            time.sleep(5)  # encoded, drawing
+            assert not drawing.done(), drawing.result().text
+            deployed = cli("deploy", str(path))
+            assert deployed.returncode == 0, deployed.stderr[-2000:]
+            # The app was being redeployed while the request still ran.
+            updating = status()["applications"]["t2i"]["status"] != "RUNNING"
+            assert updating and not drawing.done(), "the deploy came after the request"
+            drained = drawing.result()
+        assert drained.status_code == 200, drained.text
+        assert Image.open(io.BytesIO(drained.content)).size == (512, 512)
         wait_until(
             lambda: yaml.safe_load(cli("config").stdout)["args"]["request_timeout_s"] == 123,
             120, "serve config did not show the deployed change", log,

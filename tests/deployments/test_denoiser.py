@@ -55,3 +55,11 @@ def test_out_of_memory_is_answered_counted_and_healed(replica, prompt, monkeypat
     assert replica.ooms_in_a_row == 0
     replica.check_health()
     assert replica.worker.idle
+
+
+def test_the_demo_offers_its_own_presets_and_adapter():
+    replica = Denoiser.func_or_class(ModelSettings(id="demo", model="demo"))
+    offered = replica.presets_offered()
+    assert replica.default_preset == "demo" and set(offered) == {"demo", "outline"}
+    assert offered["demo"]["width"] == 256 and offered["demo"]["loras"] == []
+    assert offered["outline"]["loras"] == [{"name": "outline", "scale": 0.85}]

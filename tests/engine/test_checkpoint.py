@@ -61,3 +61,35 @@ def test_an_unsupported_pipeline_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(checkpoint.CheckpointError, match="'FluxPipeline' is not served"):
         checkpoint.resolve(str(tmp_path))
+
+
+def test_a_checkpoint_s_own_presets_replace_its_family_s(tmp_path, tiny_path):
+    import shutil
+
+    from serve_app.engine import load_denoiser
+
+    own = {
+        "presets": {"small": {"width": 256, "height": 256, "num_inference_steps": 3,
+                              "guidance_scale": 2.0}},
+        "default_preset": "small",
+    }  # fmt: skip
+    folder = tmp_path / "with-presets"
+    shutil.copytree(tiny_path, folder)
+    (folder / checkpoint.PRESETS_FILE).write_text(json.dumps(own))
+    denoiser = load_denoiser(str(folder), "cpu")
+    assert (denoiser.presets, denoiser.default_preset) == (own["presets"], "small")
+    assert load_denoiser(str(tiny_path), "cpu").default_preset == "turbo"  # no file: family's
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "unreadable"),
+        ('{"presets": {}}', "unreadable"),
+        ('{"presets": {"a": {}}, "default_preset": "b"}', "'b' is not among its presets"),
+    ],
+)
+def test_an_unusable_presets_file_is_refused(tmp_path, content, message):
+    (tmp_path / checkpoint.PRESETS_FILE).write_text(content)
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.read_presets(tmp_path)

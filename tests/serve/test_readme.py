@@ -38,7 +38,9 @@ def run_here(service, code: list[str], tmp_path: Path) -> None:
 
 
 def test_curl_snippet(service, tmp_path):
-    run_here(service, ["bash", "-c", snippet("sh", "curl")], tmp_path)
+    # The demo model's snippet ("a red circle") runs against `make serve` itself:
+    # tests/deploy/test_cli.py.
+    run_here(service, ["bash", "-c", snippet("sh", "a red fox")], tmp_path)
     assert Image.open(tmp_path / "fox.png").size == (512, 512)
 
 

@@ -38,8 +38,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """The tiny byte-level BPE tokenizer with a Qwen3-style chat template (deterministic)."""
+def build_tokenizer(corpus: list[str] = _CORPUS, vocab_size: int = 512):
+    """A small byte-level BPE tokenizer trained on `corpus`, with a Qwen3-style chat
+    template (deterministic: the same corpus, the same tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,12 +49,12 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab_size,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
