@@ -33,10 +33,6 @@ PROTOCOL_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
 CHUNK = 8 * 2**20
 
 
-def is_uri(model: str) -> bool:
-    return "://" in model
-
-
 def local_copy(uri: str, root: Path) -> Path:
     """The local folder holding the checkpoint at `uri`, copied and checked there first
     unless a finished copy already is (see the module's docstring).
