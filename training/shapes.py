@@ -136,32 +136,53 @@ def render(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Images of `scenes`, (n, 3, size, size) in [-1, 1]. `outline`: shapes drawn as
-    lines of OUTLINE_PX (at 256) over the background, the demo adapter's style."""
+    lines of OUTLINE_PX (at 256) over the background, the demo adapter's style.
+
+    A batch is drawn a layer at a time (every scene's first shape, then the second ones)
+    and each layer one kind of shape at a time: a few dozen kernels for any batch, so a
+    GPU that trains on the images does not wait for their drawing."""
     ys, xs = torch.meshgrid(
         torch.arange(size, device=device, dtype=torch.float32) + 0.5,
         torch.arange(size, device=device, dtype=torch.float32) + 0.5,
         indexing="ij",
     )
-    palette = {
-        name: torch.tensor(rgb, device=device, dtype=torch.float32)[:, None, None] / 127.5 - 1
-        for name, rgb in COLOURS.items()
-    }
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1
+    palette = palette.to(device)
+    index = {name: i for i, name in enumerate(COLOURS)}
     width = OUTLINE_PX * size / 256
-    out = torch.empty(len(scenes), 3, size, size, device=device)
-    for i, scene in enumerate(scenes):
-        image = palette[scene.background].expand(3, size, size)
-        for shape in scene.shapes:
-            fx, fy = PLACES[shape.place]
-            x = xs - (fx + shape.dx) * size
-            y = (fy + shape.dy) * size - ys  # y up, as the distance formulas have it
-            distance = _DISTANCE[shape.kind](x, y, shape.radius * size)
-            if outline:
-                cover = (width / 2 + 0.5 - distance.abs()).clamp(0, 1)
-            else:
-                cover = (0.5 - distance).clamp(0, 1)
-            image = torch.lerp(image, palette[shape.colour].expand(3, size, size), cover)
-        out[i] = image
+    backgrounds = palette[[index[s.background] for s in scenes]]
+    out = backgrounds[:, :, None, None].expand(-1, -1, size, size)
+    for layer in range(max((len(s.shapes) for s in scenes), default=0)):
+        rows = [i for i, s in enumerate(scenes) if len(s.shapes) > layer]
+        shapes = [scenes[i].shapes[layer] for i in rows]
+        distance = torch.empty(len(shapes), size, size, device=device)
+        for kind, distance_of in _DISTANCE.items():
+            of_kind = [j for j, shape in enumerate(shapes) if shape.kind == kind]
+            if not of_kind:
+                continue
+            # Centre (cx, cy) and radius of each, in pixels, broadcast over the grid.
+            cx, cy, r = (
+                torch.tensor(column, device=device)[:, None, None]
+                for column in zip(*(_placed(shapes[j], size) for j in of_kind), strict=True)
+            )
+            x = xs - cx
+            y = cy - ys  # y up, as the distance formulas have it
+            distance[of_kind] = distance_of(x, y, r)
+        if outline:
+            cover = (width / 2 + 0.5 - distance.abs()).clamp(0, 1)
+        else:
+            cover = (0.5 - distance).clamp(0, 1)
+        colours = palette[[index[shape.colour] for shape in shapes]][:, :, None, None]
+        if len(rows) == len(scenes):
+            out = torch.lerp(out, colours, cover[:, None])
+        else:
+            out[rows] = torch.lerp(out[rows], colours, cover[:, None])
     return out
+
+
+def _placed(shape: Shape, size: int) -> tuple[float, float, float]:
+    fx, fy = PLACES[shape.place]
+    return (fx + shape.dx) * size, (fy + shape.dy) * size, shape.radius * size
 
 
 # Signed distances in pixels (negative inside) of shapes of radius r centred at the
@@ -187,7 +208,7 @@ def _triangle(x, y, r):
         torch.where(fold, (px - k * py) / 2, px),
         torch.where(fold, (-k * px - py) / 2, py),
     )
-    px = px - px.clamp(-2 * r, 0)
+    px = px - torch.maximum(px, -2 * r).clamp(max=0)
     return -torch.hypot(px, py) * torch.sign(py)
 
 
@@ -201,7 +222,7 @@ def _star(x, y, r, inner=0.45):
         px, py = px - 2 * d * kx, py - 2 * d * ky
     px, py = px.abs(), py - r
     bax, bay = inner * -k1y, inner * k1x - 1
-    h = ((px * bax + py * bay) / (bax * bax + bay * bay)).clamp(0, r)
+    h = torch.minimum(((px * bax + py * bay) / (bax * bax + bay * bay)).clamp(min=0), r)
     return torch.hypot(px - bax * h, py - bay * h) * torch.sign(py * bax - px * bay)
 
 

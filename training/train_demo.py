@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from serve_app.engine.checkpoint import PRESETS_FILE
+from training.forward import forward, padded_length
 from training.shapes import draw_scenes, render, vocabulary
 
 ADAPTER = "outline"
@@ -72,11 +73,11 @@ class Plan:
 
 
 PLANS = {
-    # One H100/H200: about 8 minutes.
+    # One H100/H200: about 8 minutes, each phase bound by its time share.
     "gpu": Plan(
-        vae=Phase(steps=4000, batch=32, lr=1e-3, share=0.15),
-        dit=Phase(steps=20000, batch=96, lr=5e-4, share=0.65),
-        lora=Phase(steps=4000, batch=64, lr=1e-3, share=0.2),
+        vae=Phase(steps=4000, batch=32, lr=1e-3, share=0.12),
+        dit=Phase(steps=100000, batch=96, lr=5e-4, share=0.6),
+        lora=Phase(steps=100000, batch=64, lr=1e-3, share=0.28),
         budget_s=460,
     ),
     # Continuing a trained model (--resume) on a CPU: its transformer and text encoder,
@@ -145,6 +146,7 @@ class Trainer:
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
         self.report: dict = {"device": _device_name(device), "plan": asdict(plan), "phases": {}}
         self._scene_seed = seed * 1_000_003
+        self._token_ids: dict[str, list[int]] = {}
 
     def scenes(self, n: int):
         self._scene_seed += 1
@@ -215,27 +217,34 @@ class Trainer:
             z = vae.encode(x).latent_dist.mode().float()
         return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
-    def encode(self, captions: list[str]) -> list[torch.Tensor]:
-        """hidden_states[-2] at each caption's length, as the service's encoder has it."""
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden_states[-2] of the captions, right-padded, (B, L, D); their lengths),
+        as the service's encoder has them."""
         from serve_app.engine.zimage.encoder import chat_token_ids
 
-        tokenizer = self.pipe.tokenizer
-        ids = [chat_token_ids(tokenizer, c) for c in captions]
+        ids = []
+        for caption in captions:
+            if caption not in self._token_ids:
+                self._token_ids[caption] = chat_token_ids(self.pipe.tokenizer, caption)
+            ids.append(self._token_ids[caption])
         longest = max(map(len, ids))
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([i + [pad] * (longest - len(i)) for i in ids], device=self.device)
-        mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids])
+        pad = self.pipe.tokenizer.pad_token_id
+        input_ids = torch.tensor([i + [pad] * (longest - len(i)) for i in ids])
+        lengths = torch.tensor([len(i) for i in ids])
+        mask = torch.arange(longest)[None, :] < lengths[:, None]
         hidden = self.pipe.text_encoder(
-            input_ids=input_ids,
-            attention_mask=mask.to(self.device),
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.long().to(self.device),
             output_hidden_states=True,
             use_cache=False,
         ).hidden_states[-2]
-        return [hidden[row, : len(i)] for row, i in enumerate(ids)]
+        return hidden, lengths
 
     def flow_loss(self, scenes, outline: bool = False, lora_scale: float | None = None):
         """Z-Image's objective: at sigma (the scheduler's shifted distribution), the
-        transformer, given 1 - sigma, predicts x0 - noise (the negated velocity)."""
+        transformer, given 1 - sigma, predicts x0 - noise (the negated velocity).
+        Captions of one padded length go through the transformer together
+        (training/forward.py)."""
         x0 = self.latents(scenes, outline)
         noise = torch.randn_like(x0)
         u = torch.rand(len(scenes), device=self.device)
@@ -243,19 +252,25 @@ class Trainer:
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma[:, None, None, None]
         noisy = (1 - s) * x0 + s * noise
-        captions = [
-            "" if torch.rand(()).item() < CAPTION_DROPOUT else scene.caption for scene in scenes
-        ]
-        kwargs = {"joint_attention_kwargs": {"scale": lora_scale}} if lora_scale else {}
-        out = self.pipe.transformer(
-            list(noisy.unsqueeze(2).unbind(0)),
-            1 - sigma,
-            self.encode(captions),
-            return_dict=False,
-            **kwargs,
-        )[0]
-        predicted = torch.stack(out).squeeze(2).float()
-        return F.mse_loss(predicted, x0 - noise)
+        kept = (torch.rand(len(scenes)) >= CAPTION_DROPOUT).tolist()
+        captions = [scene.caption if keep else "" for keep, scene in zip(kept, scenes, strict=True)]
+        hidden, lengths = self.encode(captions)
+        padded = torch.tensor([padded_length(n) for n in lengths.tolist()])
+        loss = 0.0
+        for length in padded.unique().tolist():
+            rows = (padded == length).nonzero().flatten().to(self.device)
+            cap = F.pad(hidden[rows, :length], (0, 0, 0, max(0, length - hidden.shape[1])))
+            predicted = forward(
+                self.pipe.transformer,
+                noisy[rows],
+                1 - sigma[rows],
+                cap,
+                lengths[rows.cpu()],
+                lora_scale,
+            ).float()
+            target = (x0 - noise)[rows]
+            loss = loss + F.mse_loss(predicted, target, reduction="sum") / x0.numel()
+        return loss
 
     # 2. The transformer and the text encoder
     def train_dit(self) -> None:

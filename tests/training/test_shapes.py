@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from training.evaluate import colour_at, colour_away
 from training.shapes import HELD_ASIDE, PLACES, Scene, Shape, draw_scenes, held_aside, render
@@ -71,3 +72,12 @@ def test_held_aside_scenes_read_back_as_asked():
         scene, place = held_aside(*h), h[2]
         image = pixels(scene)
         assert (colour_at(image, place), colour_away(image, [place])) == (h[0], h[3])
+
+
+@pytest.mark.parametrize("outline", [False, True])
+def test_a_batch_draws_each_scene_as_it_is_drawn_alone(outline):
+    scenes = draw_scenes(5, 40)
+    assert {len(s.shapes) for s in scenes} == {1, 2}
+    batch = render(scenes, 64, outline=outline)
+    for i, scene in enumerate(scenes):
+        torch.testing.assert_close(batch[i], render([scene], 64, outline=outline)[0])
