@@ -175,8 +175,12 @@ class Families:
             PROMPT, None, p["width"], p["height"], p["steps"], p["guidance"], 0
         )
         adapter = denoiser.read_adapter(files[0])
+        variants = (("base", []), ("niannian", [(adapter, p["scale"])]))
+        if denoiser.graphs is not None:
+            self.out["graphs"] = self.graphs_check(denoiser, encoder, params, variants)
+            self.log("sdxl graphs", self.out["graphs"])
         out = {}
-        for variant, loras in (("base", []), ("niannian", [(adapter, p["scale"])])):
+        for variant, loras in variants:
             e2e, steps = [], []
             stages: dict[str, list[float]] = {"encode": [], "denoise": [], "decode": []}
             stage_peaks = dict.fromkeys(stages, 0)
@@ -211,6 +215,31 @@ class Families:
         encoder = denoiser = adapter = None
         torch._dynamo.reset()
         self.bench.free()
+
+    def graphs_check(self, denoiser, encoder, params, variants) -> dict:
+        """The CUDA graphs draw what the calls they replay draw: each variant's image with
+        the graphs and without them (the same seed), and the step time without them."""
+        import numpy as np
+
+        from serve_app.engine.stages import StageRecorder
+
+        embeddings = encoder.encode_params(params)
+        out = {"captured": len(denoiser.graphs)}
+        for variant, loras in variants:
+            graphed = denoiser.generate(params, embeddings, loras=loras)[0]
+            graphs, denoiser.graphs = denoiser.graphs, None
+            recorder = StageRecorder(self.device)
+            try:
+                eager = denoiser.generate(params, embeddings, loras=loras, recorder=recorder)[0]
+            finally:
+                denoiser.graphs = graphs
+            diff = np.abs(graphed.astype(np.int16) - eager.astype(np.int16))
+            out[variant] = {
+                "max_abs_pixel_diff": int(diff.max()),
+                "mean_abs_pixel_diff": round(float(diff.mean()), 4),
+                "eager_step_ms": round(statistics.median(recorder.step_seconds) * 1000, 2),
+            }
+        return out
 
     def sweep(self, denoiser, encoder, params) -> list[dict]:
         """Latency and peak VRAM over steps 10/25/50 (with and without guidance): the
@@ -496,6 +525,17 @@ def markdown(result: dict) -> list[str]:
                 )
         for variant, r in sdxl.get("ratios", {}).items():
             lines.append(f"\n{variant}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
+        if graphs := sdxl.get("graphs"):
+            lines.append(
+                f"\nCUDA graphs: {graphs['captured']} captured; against the same calls "
+                "run without them: "
+                + "; ".join(
+                    f"{v}: pixels differ by at most {r['max_abs_pixel_diff']}, "
+                    f"step {r['eager_step_ms']} ms without graphs"
+                    for v, r in graphs.items()
+                    if isinstance(r, dict)
+                )
+            )
     for name, costs in (("SDXL", sdxl.get("lora")), ("Z-Image", result.get("zimage_lora"))):
         if not costs:
             continue

@@ -12,6 +12,7 @@ import torch
 from serve_app.engine import loop
 from serve_app.engine.cancel import CancelToken
 from serve_app.engine.compiling import configure_dynamo
+from serve_app.engine.graphs import CudaGraphs
 from serve_app.engine.lora import Adapter, LoraFamily, LoraSlots, read_adapter
 from serve_app.engine.stages import StageRecorder
 from serve_app.messages import GenerationParams
@@ -63,6 +64,10 @@ class Denoiser:
         # The stock pipelines' vae_scale_factor (8 for 4 blocks).
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._preview_map: torch.Tensor | None = None  # see fit_preview
+        # CUDA graphs of the calls a family routes through `graphed`; a family that
+        # uses them sets this (see use_graphs).
+        self.graphs: CudaGraphs | None = None
+        self._capturing = False
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -73,6 +78,25 @@ class Denoiser:
     def side_multiple(self) -> int:
         """Image sides must be multiples of this."""
         return self.vae_scale_factor
+
+    def use_graphs(self, enabled: bool) -> None:
+        """Replay the calls that go through `graphed` from CUDA graphs, captured by
+        `warmup` for its shapes (on CUDA only; elsewhere nothing changes)."""
+        self.graphs = CudaGraphs(self.device) if enabled and self.device.type == "cuda" else None
+
+    def graphed(self, name: str, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        """`fn(*inputs)`, replayed from its CUDA graph where `warmup` captured one for
+        these input shapes and the LoRA slots' state; run as called where not (another
+        size, batch or device). The result may be a graph's own output tensor, which
+        the next call of the same shapes overwrites: use it before that."""
+        if self.graphs is None:
+            return fn(*inputs)
+        key = (name, *(tuple(x.shape) for x in inputs), self.lora is not None and self.lora.enabled)
+        if key not in self.graphs:
+            if not self._capturing:
+                return fn(*inputs)
+            self.graphs.capture(key, fn, *inputs)
+        return self.graphs.replay(key, *inputs)
 
     @staticmethod
     def attach(model, vae, targets: str, compile: bool, lora: LoraOptions | None):
@@ -160,7 +184,8 @@ class Denoiser:
     def warmup(self, sizes: list[tuple[int, int]]) -> dict[str, float]:
         """Run `warmup_calls` for each (width, height), with the LoRA slots off and on,
         so that compilation, kernel selection and allocator growth happen before the
-        first request. Returns the seconds each size took."""
+        first request, then capture their CUDA graphs (see use_graphs). Returns the
+        seconds each size took."""
         took = {}
         states = [[], [(BLANK, 0.0)]] if self.lora is not None else [[]]
         for width, height in sizes:
@@ -168,6 +193,12 @@ class Denoiser:
             for loras in states:
                 for params, embeddings in self.warmup_calls(width, height):
                     self.generate(params, embeddings, loras=loras)
+                    if self.graphs is not None:  # compiled and warm: capture these shapes
+                        self._capturing = True
+                        try:
+                            self.generate(params, embeddings, loras=loras)
+                        finally:
+                            self._capturing = False
             took[f"{width}x{height}"] = round(time.perf_counter() - began, 3)
         if self.lora is not None:
             self.lora.activate([])

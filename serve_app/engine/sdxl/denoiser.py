@@ -42,9 +42,14 @@ LORA = LoraFamily(
 
 
 class Options(BaseModel):
-    """SDXL settings (a model's `options` in deploy/*.yaml); none yet."""
+    """SDXL settings (a model's `options` in deploy/*.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
+    # Replay the UNet call and the VAE decode from CUDA graphs, one per shape the
+    # warm-up runs (its sizes, one image, with and without guidance, LoRA slots off and
+    # on); other shapes run as called. On CUDA only. An SDXL step is bound by the host
+    # (an H200: the GPU busy 36.7 ms of an 87 ms step, *sdxl-step-probe*).
+    cuda_graphs: bool = True
 
 
 class SDXLDenoiser(Denoiser):
@@ -85,7 +90,21 @@ class SDXLDenoiser(Denoiser):
         )
         slots = cls.attach(unet, vae, LORA.targets, compile, lora)
         scheduler_config = EulerAncestralDiscreteScheduler.load_config(path, subfolder="scheduler")
-        return cls(unet, vae, scheduler_config, device, slots)
+        den = cls(unet, vae, scheduler_config, device, slots)
+        den.use_graphs((options or Options()).cuda_graphs)
+        return den
+
+    def unet_call(self, sample, t, embeds, text_embeds, time_ids) -> torch.Tensor:
+        return self.unet(
+            sample,
+            t,
+            encoder_hidden_states=embeds,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
+
+    def vae_call(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
 
     @property
     def side_multiple(self) -> int:
@@ -177,13 +196,15 @@ class SDXLSampling:
         t, scheduler = self.timesteps[i], self.scheduler
         model_input = torch.cat([self.latents] * 2) if self.guided else self.latents
         model_input = scheduler.scale_model_input(model_input, t)
-        noise = self.den.unet(
+        noise = self.den.graphed(
+            "unet",
+            self.den.unet_call,
             model_input,
             t,
-            encoder_hidden_states=self.embeds,
-            added_cond_kwargs=self.added,
-            return_dict=False,
-        )[0]
+            self.embeds,
+            self.added["text_embeds"],
+            self.added["time_ids"],
+        )
         if self.guided:
             uncond, text = noise.chunk(2)
             noise = uncond + self.params.guidance_scale * (text - uncond)
@@ -192,4 +213,5 @@ class SDXLSampling:
         )[0]
 
     def decode(self, k: int) -> torch.Tensor:
-        return self.den.vae.decode(self.den.to_vae(self.latents[k : k + 1]), return_dict=False)[0]
+        latents = self.den.to_vae(self.latents[k : k + 1])
+        return self.den.graphed("vae", self.den.vae_call, latents)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from serve_app.engine.cancel import CancelToken
+from serve_app.engine.graphs import CudaGraphs
 from serve_app.errors import PromptTooLong
 from serve_app.messages import GenerationParams
 
@@ -44,7 +45,7 @@ class ZImageEncoder:
         device: where the text encoder runs.
         max_tokens: longest accepted prompt, chat template included.
         cuda_graphs: replay the forward from CUDA graphs, one per (batch, length bucket),
-            captured on first use (see `warmup`). A short prompt's forward is bound by
+            captured by `warmup`. A short prompt's forward is bound by
             kernel launches, not by arithmetic: on an H200 the 4B encoder took 31-37 ms
             eagerly for 65 tokens (*levers-1*, *levers-2*), 9 ms replayed (*bench-6*).
             Default: on CUDA.
@@ -67,9 +68,7 @@ class ZImageEncoder:
         self.device = device
         self.max_tokens = max_tokens
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple[int, int], tuple] = {}
-        self._graph_pool = None
-        self._side_stream = None
+        self._graphs = CudaGraphs(device) if self.cuda_graphs else None
 
     @property
     def modules(self) -> list[torch.nn.Module]:
@@ -105,7 +104,12 @@ class ZImageEncoder:
         if self.cuda_graphs:
             for batch in (1, 2):
                 for length in self.GRAPH_LENGTHS:
-                    self._graph(batch, length)
+                    # A fixed shape with no mask: no data-dependent branch, as a capture needs.
+                    ids = torch.full((batch, length), self.tokenizer.pad_token_id)
+                    if (batch, length) not in self._graphs:
+                        self._graphs.capture(
+                            (batch, length), self._causal_forward, ids.to(self.device)
+                        )
         return round(time.perf_counter() - start, 3)
 
     def token_ids(self, text: str, param: str = "prompt") -> list[int]:
@@ -142,12 +146,9 @@ class ZImageEncoder:
         if cancel is not None:
             cancel.check("encode")
         longest = max(len(i) for i in ids)
-        if self.cuda_graphs:
-            length = next(n for n in self.GRAPH_LENGTHS if n >= longest)
-            graph, static_ids, static_out = self._graph(len(ids), length)
-            static_ids.copy_(self._padded(ids, length))
-            graph.replay()
-            hidden = static_out
+        length = next((n for n in self.GRAPH_LENGTHS if n >= longest), None)
+        if self.cuda_graphs and (len(ids), length) in self._graphs:
+            hidden = self._graphs.replay((len(ids), length), self._padded(ids, length))
         else:
             mask = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids])
             hidden = self._forward(self._padded(ids, longest), mask.to(self.device))
@@ -178,27 +179,3 @@ class ZImageEncoder:
         for layer in model.layers[: model.config.num_hidden_layers - 1]:
             hidden = layer(hidden, position_ids=positions, position_embeddings=rotary)
         return hidden
-
-    def _graph(self, batch: int, length: int) -> tuple:
-        """The CUDA graph of a (batch, length) `_causal_forward`, captured on first use.
-        A fixed shape with no mask has no data-dependent branch, which a capture needs."""
-        if (batch, length) not in self._graphs:
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-                # One side stream for every warm-up: cuBLAS keeps a workspace (32 MiB on
-                # Hopper) per stream it has run on, for the life of the process.
-                self._side_stream = torch.cuda.Stream(self.device)
-            static_ids = torch.full(
-                (batch, length), self.tokenizer.pad_token_id, device=self.device
-            )
-            side = self._side_stream
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up runs before capture, per CUDA's recipe
-                for _ in range(2):
-                    self._causal_forward(static_ids)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                static_out = self._causal_forward(static_ids)
-            self._graphs[batch, length] = (graph, static_ids, static_out)
-        return self._graphs[batch, length]
