@@ -59,6 +59,8 @@ class Denoiser:
         self.scheduler_config = scheduler_config
         self.device = device
         self.lora = lora
+        if lora is not None:
+            lora.to(device)
         # See loop.generate: on a GPU a step is reported once the next one is queued.
         self.progress_when_queued = device.type == "cuda"
         # The stock pipelines' vae_scale_factor (8 for 4 blocks).

@@ -222,3 +222,14 @@ def test_a_smaller_rank_after_a_larger_one_in_the_same_slot(lora_family, tmp_pat
                 layer.lora_B[slot].weight.zero_()
     den.lora._held = [None] * len(den.lora.names)
     np.testing.assert_array_equal(draw(enc, den, p, [(small, 1.0)]), after)
+
+
+def test_the_slots_scales_go_where_the_model_goes():
+    from serve_app.engine.lora import LoraSlots
+
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 8))
+    slots = LoraSlots(model, r"proj", slots=2, max_rank=4)
+    slots.to(torch.device("meta"))  # as a CUDA device would, with no CUDA here
+    scales = [layer.scaling[s] for layer in slots.layers.values() for s in slots.names]
+    assert len(scales) == 2 and all(t.device.type == "meta" for t in scales)
