@@ -2,7 +2,6 @@
 download), against the running app with the tiny models on the CPU."""
 
 import concurrent.futures
-import os
 import shutil
 import time
 
@@ -86,8 +85,6 @@ def test_generate_shows_progress_preview_image_and_timings(page, service):
         assert stage in table
     assert "tiny-style 0.85" in page.inner_text("#meta")
     assert page.locator("#history li").count() >= 1
-    if path := os.environ.get("T2I_SCREENSHOT"):  # the README's picture: docs/page.png
-        page.screenshot(path=path, full_page=True)
 
 
 def test_a_preset_fills_the_fields_it_sets(page):
