@@ -95,8 +95,10 @@ def make_config(
     ingress_max_replicas: int | None,
     port: int,
     deployments: dict[str, dict] | None = None,
+    source: Path = CONFIG,
 ) -> dict:
-    """deploy/serve_config.yaml with a local HTTP port and overrides.
+    """A serve config file (`source`, deploy/serve_config.yaml by default) with a local
+    HTTP port and overrides.
 
     Args:
         models: settings to change, one dict per model to serve, each with the `id` of a
@@ -107,7 +109,7 @@ def make_config(
         port: the HTTP port.
         deployments: deployment name -> options to change (e.g. num_replicas).
     """
-    config = copy.deepcopy(yaml.safe_load(CONFIG.read_text()))
+    config = copy.deepcopy(yaml.safe_load(source.read_text()))
     config["http_options"]["host"] = "127.0.0.1"
     config["http_options"]["port"] = port
     application = config["applications"][0]
@@ -131,9 +133,13 @@ def _ready(url: str) -> bool:
 
 
 def _running(app: str) -> bool:
+    """Whether Serve runs every replica of `app`; raises if its deployment failed (an
+    import error, a replica constructor's): no use waiting for it to become ready."""
     from ray import serve
 
     status = serve.status().applications.get(app)
+    if status is not None and status.status == "DEPLOY_FAILED":
+        raise RuntimeError(f"application {app} failed to deploy:\n{status.message[-4000:]}")
     return status is not None and status.status == "RUNNING"
 
 
@@ -147,26 +153,32 @@ def local_service(
     ready_timeout_s: float = 300,
     deployments: dict[str, dict] | None = None,
     extra_apps: list[dict] | None = None,
+    source: Path = CONFIG,
+    address: str | None = None,
 ):
     """A Ray cluster of this process with `num_gpus` GPUs (logical ones where there are
-    none) and the app deployed by the `serve run` CLI; torn down on exit. `models` and
-    `deployments`: see make_config; `extra_apps`: more applications beside it (see
-    derived_app), ready too before this returns."""
+    none), or the running one at `address`, and the app of `source` deployed by the
+    `serve run` CLI; torn down on exit. `models` and `deployments`: see make_config;
+    `extra_apps`: more applications beside it (see derived_app), ready too before this
+    returns."""
     import ray
     from ray import serve
 
     http_port, metrics_port = free_port(), free_port()
     # Ray exports metrics every 10 s by default; a scrape-based check should not wait.
     os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
-    ray.init(
-        address="local",  # a new cluster, even if another is running here
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-        log_to_driver=False,
-    )
-    config = make_config(models, ingress_max_replicas, http_port, deployments)
+    if address is None:
+        ray.init(
+            address="local",  # a new cluster, even if another is running here
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            _metrics_export_port=metrics_port,
+            log_to_driver=False,
+        )
+    else:
+        ray.init(address=address, log_to_driver=False)
+    config = make_config(models, ingress_max_replicas, http_port, deployments, source)
     config["applications"] += extra_apps or []
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -190,11 +202,16 @@ def local_service(
         # Ready: every replica the config asks for is running (Serve's RUNNING app, not
         # only a /readyz that one replica per model answers), and each app says ready.
         # Serve's status costs ~100 ms of CPU: asked only once /readyz says ready.
+        # Until then, Serve is asked every 10 s whether the deployment failed.
         for app in config["applications"]:
             prefix = app["route_prefix"].rstrip("/")
+            asked = time.monotonic()
             while not (_ready(f"{url}{prefix}/readyz") and _running(app["name"])):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the app did not become ready: {serve.status()}")
+                if time.monotonic() - asked > 10:
+                    _running(app["name"])
+                    asked = time.monotonic()
                 time.sleep(0.5)
         yield LocalService(
             url, f"http://127.0.0.1:{metrics_port}/metrics", config, time.monotonic() - started
