@@ -205,6 +205,10 @@ class Denoiser:
         if self.lora is not None:
             self.lora.activate([])
         self._preview_map = self.fit_preview()  # here, not on a request's critical path
+        if self.graphs:
+            # The captured shapes' activations live in the graphs' pool; what the eager
+            # warm-up calls cached beside it would only be held, never used, by them.
+            torch.cuda.empty_cache()
         return took
 
     def warmup_calls(self, width: int, height: int) -> list[tuple[GenerationParams, dict]]:
