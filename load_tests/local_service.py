@@ -96,6 +96,8 @@ def make_config(
     port: int,
     deployments: dict[str, dict] | None = None,
     source: Path = CONFIG,
+    args: dict | None = None,
+    top_level: dict | None = None,
 ) -> dict:
     """A serve config file (`source`, deploy/serve_config.yaml by default) with a local
     HTTP port and overrides.
@@ -108,6 +110,8 @@ def make_config(
         ingress_max_replicas: caps the Ingress's autoscaling.
         port: the HTTP port.
         deployments: deployment name -> options to change (e.g. num_replicas).
+        args: the application's other args to change (api_keys, limits...).
+        top_level: the file's own keys to change (proxy_location...).
     """
     config = copy.deepcopy(yaml.safe_load(source.read_text()))
     config["http_options"]["host"] = "127.0.0.1"
@@ -117,6 +121,8 @@ def make_config(
         _pick_models(application, models)
     for name, options in (deployments or {}).items():
         deployment_config(config, name).update(options)
+    application["args"].update(args or {})
+    config.update(top_level or {})
     if ingress_max_replicas is not None:
         autoscaling = deployment_config(config, "Ingress")["autoscaling_config"]
         autoscaling["max_replicas"] = ingress_max_replicas
@@ -155,12 +161,14 @@ def local_service(
     extra_apps: list[dict] | None = None,
     source: Path = CONFIG,
     address: str | None = None,
+    args: dict | None = None,
+    top_level: dict | None = None,
 ):
     """A Ray cluster of this process with `num_gpus` GPUs (logical ones where there are
     none), or the running one at `address`, and the app of `source` deployed by the
-    `serve run` CLI; torn down on exit. `models` and `deployments`: see make_config;
-    `extra_apps`: more applications beside it (see derived_app), ready too before this
-    returns."""
+    `serve run` CLI; torn down on exit. `models`, `deployments`, `args`, `top_level`:
+    see make_config; `extra_apps`: more applications beside it (see derived_app), ready
+    too before this returns."""
     import ray
     from ray import serve
 
@@ -178,7 +186,9 @@ def local_service(
         )
     else:
         ray.init(address=address, log_to_driver=False)
-    config = make_config(models, ingress_max_replicas, http_port, deployments, source)
+    config = make_config(
+        models, ingress_max_replicas, http_port, deployments, source, args, top_level
+    )
     config["applications"] += extra_apps or []
     path = workdir / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
