@@ -92,7 +92,9 @@ class Denoiser(Replica):
         sizes = settings.parsed_warmup_sizes() if engine.device.type == "cuda" else []
         self.warmup_s = engine.warmup(sizes or [(smallest, smallest)])
         self.memory = settings.memory
-        self.idle_allocated = self._allocated() - self.adapters.cache.nbytes
+        self.idle_allocated = (
+            self._allocated() - self.adapters.cache.nbytes + self._graph_pool_bytes()
+        )
         self.budget_bytes = self._budget()
         self.ready_s = time.monotonic() - started
         logger.info(
@@ -280,6 +282,19 @@ class Denoiser(Replica):
 
             return torch.cuda.memory_allocated(self.engine.device)
         return self.weights_bytes
+
+    def _graph_pool_bytes(self) -> int:
+        """What the CUDA graphs' pool holds beyond live tensors (their activations,
+        reserved for their replays; a capture empties the allocator's cache before it
+        runs, so the cache holds little else): memory no request outside the graphs can
+        use. Counted as resident, so a request is predicted its own activations on top
+        of it, which for a graphed shape counts them twice: a refusal on the safe side."""
+        if self.engine.graphs is None:
+            return 0
+        import torch
+
+        device = self.engine.device
+        return torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
     def _budget(self) -> int | None:
         """What a request may bring this replica's memory up to; None: no budget (a CPU
