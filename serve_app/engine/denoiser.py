@@ -86,14 +86,16 @@ class Denoiser:
         `warmup` for its shapes (on CUDA only; elsewhere nothing changes)."""
         self.graphs = CudaGraphs(self.device) if enabled and self.device.type == "cuda" else None
 
-    def graphed(self, name: str, fn, *inputs: torch.Tensor) -> torch.Tensor:
+    def graphed(self, name: str, fn, *inputs: torch.Tensor, slots: bool = True) -> torch.Tensor:
         """`fn(*inputs)`, replayed from its CUDA graph where `warmup` captured one for
-        these input shapes and the LoRA slots' state; run as called where not (another
-        size, batch or device). The result may be a graph's own output tensor, which
-        the next call of the same shapes overwrites: use it before that."""
+        these input shapes (and, for a call through the model, `slots`, the LoRA slots'
+        state); run as called where not (another size, batch or device). The result may
+        be a graph's own output tensor, which the next call of the same shapes
+        overwrites: use it before that."""
         if self.graphs is None:
             return fn(*inputs)
-        key = (name, *(tuple(x.shape) for x in inputs), self.lora is not None and self.lora.enabled)
+        slots = slots and self.lora is not None and self.lora.enabled
+        key = (name, *(tuple(x.shape) for x in inputs), slots)
         if key not in self.graphs:
             if not self._capturing:
                 return fn(*inputs)
@@ -205,10 +207,6 @@ class Denoiser:
         if self.lora is not None:
             self.lora.activate([])
         self._preview_map = self.fit_preview()  # here, not on a request's critical path
-        if self.graphs:
-            # The captured shapes' activations live in the graphs' pool; what the eager
-            # warm-up calls cached beside it would only be held, never used, by them.
-            torch.cuda.empty_cache()
         return took
 
     def warmup_calls(self, width: int, height: int) -> list[tuple[GenerationParams, dict]]:

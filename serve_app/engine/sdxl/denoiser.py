@@ -214,4 +214,4 @@ class SDXLSampling:
 
     def decode(self, k: int) -> torch.Tensor:
         latents = self.den.to_vae(self.latents[k : k + 1])
-        return self.den.graphed("vae", self.den.vae_call, latents)
+        return self.den.graphed("vae", self.den.vae_call, latents, slots=False)
