@@ -32,7 +32,7 @@ def deployment_config(config: dict, name: str) -> dict:
 @dataclass
 class LocalService:
     url: str
-    metrics_url: str
+    metrics_url: str | None  # None on a cluster this did not start
     config: dict
     ready_s: float
 
@@ -224,7 +224,10 @@ def local_service(
                     asked = time.monotonic()
                 time.sleep(0.5)
         yield LocalService(
-            url, f"http://127.0.0.1:{metrics_port}/metrics", config, time.monotonic() - started
+            url,
+            f"http://127.0.0.1:{metrics_port}/metrics" if address is None else None,
+            config,
+            time.monotonic() - started,
         )
     finally:
         serve.shutdown()

@@ -151,7 +151,7 @@ def render(
     index = {name: i for i, name in enumerate(COLOURS)}
     width = OUTLINE_PX * size / 256
     backgrounds = palette[[index[s.background] for s in scenes]]
-    out = backgrounds[:, :, None, None].expand(-1, -1, size, size)
+    out = backgrounds[:, :, None, None].expand(-1, -1, size, size).clone()
     for layer in range(max((len(s.shapes) for s in scenes), default=0)):
         rows = [i for i, s in enumerate(scenes) if len(s.shapes) > layer]
         shapes = [scenes[i].shapes[layer] for i in rows]
