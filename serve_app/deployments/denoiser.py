@@ -13,6 +13,7 @@ from ray import serve
 
 from serve_app.config import ModelSettings
 from serve_app.deployments.adapters import Adapters
+from serve_app.deployments.memory import ReplicaMemory, cap_memory
 from serve_app.deployments.replica import Replica
 from serve_app.errors import Cancelled, DoesNotFit
 from serve_app.messages import EncodedPrompt, Generated, GenerationParams, Preview, Progress
@@ -38,20 +39,6 @@ def lora_folder(settings: ModelSettings, checkpoint: Path) -> Path | None:
     if not folder.is_dir():
         raise FileNotFoundError(f"model {settings.id!r}: lora_dir {str(folder)!r} is not a folder")
     return folder
-
-
-def cap_memory(settings: ModelSettings) -> None:
-    """Cap this process's share of its GPU at `memory.fraction`, before anything loads."""
-    if settings.memory.fraction is None:
-        return
-    from serve_app.engine import pick_device
-
-    device = pick_device(settings.device)
-    if device.type == "cuda":
-        import torch
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(settings.memory.fraction, index)
 
 
 @serve.deployment
@@ -91,11 +78,9 @@ class Denoiser(Replica):
         smallest = engine.side_multiple * 16
         sizes = settings.parsed_warmup_sizes() if engine.device.type == "cuda" else []
         self.warmup_s = engine.warmup(sizes or [(smallest, smallest)])
-        self.memory = settings.memory
-        self.idle_allocated = (
-            self._allocated() - self.adapters.cache.nbytes + self._graph_pool_bytes()
+        self.memory = ReplicaMemory.measure(
+            engine, settings.memory, self.weights_bytes, self.adapters.cache.nbytes
         )
-        self.budget_bytes = self._budget()
         self.ready_s = time.monotonic() - started
         logger.info(
             "Denoiser %s ready in %.1f s on %s (load %.1f s, warm-up %s)",
@@ -267,48 +252,9 @@ class Denoiser(Replica):
             "ready_s": round(self.ready_s, 3),
             "warmup_s": self.warmup_s,
             "memory": {
-                "budget_bytes": self.budget_bytes,
-                "resident_bytes": self.idle_allocated + self.adapters.cache.nbytes,
+                "budget_bytes": self.memory.budget_bytes,
+                "resident_bytes": self.memory.idle_bytes + self.adapters.cache.nbytes,
                 "guidance_above": family_module(self.family).GUIDANCE_ABOVE,
                 "ooms_in_a_row": self.ooms_in_a_row,
             },
         }
-
-    def _allocated(self) -> int:
-        """Device bytes this replica holds: the allocator's on a GPU, the weights' on a
-        CPU (where nothing else is counted)."""
-        if self.engine.device.type == "cuda":
-            import torch
-
-            return torch.cuda.memory_allocated(self.engine.device)
-        return self.weights_bytes
-
-    def _graph_pool_bytes(self) -> int:
-        """What the CUDA graphs' pool holds beyond live tensors (their activations,
-        reserved for their replays; a capture empties the allocator's cache before it
-        runs, so the cache holds little else): memory no request outside the graphs can
-        use. Counted as resident, so a request is predicted its own activations on top
-        of it, which for a graphed shape counts them twice: a refusal on the safe side."""
-        if self.engine.graphs is None:
-            return 0
-        import torch
-
-        device = self.engine.device
-        return torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-    def _budget(self) -> int | None:
-        """What a request may bring this replica's memory up to; None: no budget (a CPU
-        without `memory.budget_bytes`)."""
-        memory, device = self.memory, self.engine.device
-        if memory.budget_bytes is not None:
-            return memory.budget_bytes
-        if device.type != "cuda":
-            return None
-        import torch
-
-        free, total = torch.cuda.mem_get_info(device)
-        if memory.fraction is not None:
-            held = total * memory.fraction
-        else:  # what it holds now and what no other process holds
-            held = torch.cuda.memory_reserved(device) + free
-        return int(held - memory.reserve_bytes)
