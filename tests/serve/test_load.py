@@ -43,6 +43,7 @@ def loadtest(service, out: Path, *args: str) -> dict:
 
 def figures(section: dict) -> str:
     keys = (
+        "locust_s",
         "target_rps",
         "offered_rps",
         "throughput_ok_rps",
@@ -116,8 +117,10 @@ def stopped_stages(service, raw: Path) -> dict[str, int]:
 
 
 def test_disconnect_storm_leaves_no_replica_stuck(service, capacity, tmp_path):
-    report = loadtest(service, tmp_path / "report", "--scenario", "storm", "--storm-within", "55",
-                      "--leavers-total", "200", "--capacity", str(capacity))  # fmt: skip
+    # The storm ends once its leaves are spent; the window only bounds a slow machine's
+    # run (once, in CI, only 187 of 200 leaves fit in a 55 s window).
+    report = loadtest(service, tmp_path / "report", "--scenario", "storm", "--storm-within",
+                      "150", "--leavers-total", "200", "--capacity", str(capacity))  # fmt: skip
     storm = report["scenarios"]["storm"]
     left = storm["client_left"]
     stages = stopped_stages(service, tmp_path / "report.locust")
