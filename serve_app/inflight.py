@@ -141,12 +141,23 @@ class InFlight:
             self._running_at = now
             with contextlib.suppress(Exception):
                 self._running_replicas = await asyncio.to_thread(self._ask_running)
+        self._refresh_live()
+        running = self._running_replicas.get(model, 1)
+        return max(min(running, self._live_replicas.get(model, running)), 1)
+
+    def idle(self) -> list[str]:
+        """Models with no Denoiser replica alive or starting: scaled to zero (or every
+        replica died and Ray has not started another yet). Calling such a model's
+        replicas starts one, which the caller may not want (a readiness probe)."""
+        self._refresh_live()
+        return [model for model in self._limits if self._live_replicas.get(model, 1) == 0]
+
+    def _refresh_live(self) -> None:
+        now = time.monotonic()
         if now - self._live_at > LIVE_REFRESH_S:
             self._live_at = now
             with contextlib.suppress(Exception):
                 self._live_replicas = self._ask_live()
-        running = self._running_replicas.get(model, 1)
-        return max(min(running, self._live_replicas.get(model, running)), 1)
 
     def _ask_running(self) -> dict[str, int]:
         app = serve.get_replica_context().app_name

@@ -112,7 +112,7 @@ class Ingress:
         self.config = config
         self.metrics = Metrics()
         self.outcomes = Outcomes(self.metrics)
-        self.catalog = Catalog(config, encoders, denoisers, self._first_sight)
+        self.catalog = Catalog(config, encoders, denoisers, inflight, self._first_sight)
         self.flow = Flow(inflight, encoders, denoisers)
         self.inflight = inflight
         self.keys = Keys.from_settings(config.api_keys) if config.api_keys else None
@@ -136,18 +136,11 @@ class Ingress:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Readiness: each model's replicas answer (they do only after load and warm-up).
-        200 when every model is ready, 200 "degraded" when some are, else 503."""
-        asked = await asyncio.gather(
-            *(self.catalog.describe(i) for i in self.catalog.ids), return_exceptions=True
-        )
-        models = {}
-        for model_id, answer in zip(self.catalog.ids, asked, strict=True):
-            if isinstance(answer, BaseException):
-                models[model_id] = {"status": "not_ready", "reason": str(answer)}
-            else:
-                models[model_id] = {"status": "ready", "encoder": answer[0], "denoiser": answer[1]}
-        ready = sum(m["status"] == "ready" for m in models.values())
+        """Readiness: each model's replicas answer (they do only after load and warm-up),
+        or it is idle (scaled to zero: a request starts a replica). 200 when every model
+        is ready or idle, 200 "degraded" when some are, else 503."""
+        models = await self.catalog.readiness()
+        ready = sum(m["status"] in ("ready", "idle") for m in models.values())
         if not ready:
             body = error_body("no model is ready", "service_unavailable", None, "not_ready")
             return JSONResponse({**body, "models": models}, status_code=503)
@@ -157,13 +150,15 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         """OpenAI's model list: each served model with family, presets, LoRAs, limits.
-        Models whose replicas are not ready yet are left out."""
+        Models whose replicas are not ready yet are left out (an idle one never seen is
+        woken in the background)."""
         try:
             self._key(request)
         except Unauthorized as exc:
             return error_response(exc, "")[0]
         asked = await asyncio.gather(
-            *(self.catalog.model(i) for i in self.catalog.ids), return_exceptions=True
+            *(self.catalog.model(i, wake=False) for i in self.catalog.ids),
+            return_exceptions=True,
         )
         data = [m.listing() for m in asked if not isinstance(m, BaseException)]
         if not data:

@@ -19,7 +19,7 @@ from serve_app.engine.checkpoint import cache_dir, resolve
 from serve_app.engine.zimage.tiny import ensure_tiny
 from serve_app.ingress.keys import new_entry
 
-# Both apps ask for 1.875 GPUs in fractions (four Denoisers at 3/8, three encoders at
+# The three apps ask for 2.375 GPUs in fractions (five Denoisers at 3/8, four encoders at
 # 1/8); a replica must fit on one card, and on two cards an unlucky placement order
 # leaves a Denoiser nowhere to go (a CI run: three encoders and a Denoiser on one card).
 # On three, any order fits.
@@ -117,6 +117,43 @@ def lora_dirs(tmp_path_factory, serve_checkpoint) -> dict[str, Path]:
     return folders
 
 
+# The idle app (beside the main one): one model whose Denoiser scales to zero, none at
+# the start, and gone again within seconds of its last request.
+IDLE = "/idle"
+IDLE_AUTOSCALING = {
+    "min_replicas": 0,
+    "initial_replicas": 0,
+    "max_replicas": 1,
+    "upscale_delay_s": 0,
+    "downscale_delay_s": 1,
+    "downscale_to_zero_delay_s": 3,
+    "look_back_period_s": 2,
+}
+
+
+def idle_app(checkpoint: Path) -> dict:
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    app = derived_app(
+        config,
+        "idle",
+        IDLE,
+        [{"id": "zimage", "model": str(checkpoint), "lora_dir": None,
+          "warmup_sizes": ["256x256"]}],
+        {},
+        {},
+    )  # fmt: skip
+    for d in app["deployments"]:
+        if d["name"] == "Ingress":
+            d.pop("autoscaling_config")  # one replica
+        if d["name"] == "Denoiser-zimage":
+            d.pop("num_replicas")
+            d["autoscaling_config"] = IDLE_AUTOSCALING
+        d["ray_actor_options"] = {**d.get("ray_actor_options", {}), "num_cpus": 0.1}
+    return app
+
+
 def strict_app(checkpoint: Path) -> dict:
     import yaml
 
@@ -167,6 +204,6 @@ def service(tmp_path_factory, serve_checkpoint, lora_dirs):
             # past it: see the README's "Bounded queues".
             "Ingress": {"max_ongoing_requests": 80},
         },
-        extra_apps=[strict_app(serve_checkpoint)],
+        extra_apps=[strict_app(serve_checkpoint), idle_app(serve_checkpoint)],
     ) as svc:
         yield svc
