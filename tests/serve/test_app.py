@@ -43,10 +43,16 @@ def test_replicas_are_placed_on_gpus_as_the_config_says(service):
         reserved += enc_gpus + replicas * den_gpus
         assert den["device"] == "cpu"  # no CUDA here: the engine runs on the CPU
     assert "GPU" not in deployment_config(service.config, "Ingress")["ray_actor_options"]
-    # The session's other application (the strict one) holds its own shares.
+    # The session's other applications hold their own shares: the strict one's fixed
+    # replicas, the idle one's running Denoisers (none unless a request woke it).
+    from ray import serve
+
     for app in service.config["applications"][1:]:
+        states = serve.status().applications[app["name"]].deployments
         for d in app["deployments"]:
-            reserved += d.get("num_replicas", 1) * d["ray_actor_options"].get("num_gpus", 0)
+            running = states[d["name"]].replica_states.get("RUNNING", 0)
+            replicas = d.get("num_replicas", 1) if "autoscaling_config" not in d else running
+            reserved += replicas * d["ray_actor_options"].get("num_gpus", 0)
     # ... is what Ray reserved: the rest of the logical GPUs is free.
     assert ray.available_resources().get("GPU", 0) == pytest.approx(NUM_GPUS - reserved)
 
