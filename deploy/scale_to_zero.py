@@ -9,9 +9,10 @@ so that the two never drift apart.
 What a client sees: README, "Scale to zero".
 """
 
-import argparse
 import sys
 from pathlib import Path
+
+from deploy import generated
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "deploy" / "serve_config.multi_gpu.yaml"
@@ -60,18 +61,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="fail if the file is stale")
-    args = p.parse_args(argv)
-    text = render()
-    if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run python -m deploy.scale_to_zero", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return generated.main(__doc__, "deploy.scale_to_zero", OUT, render, argv)
 
 
 if __name__ == "__main__":

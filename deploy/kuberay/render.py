@@ -9,12 +9,13 @@ deploy/nginx/t2i.conf with its CHANGE lines set for the cluster.
 docs/kubernetes.md says how to deploy it.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import yaml
+
+from deploy import generated
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy" / "serve_config.multi_gpu.yaml"
@@ -294,17 +295,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="fail if the file is stale")
-    text = render()
-    if p.parse_args(argv).check:
-        if OUT.read_text() != text:
-            print(f"{OUT} is stale: run python -m deploy.kuberay.render", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return generated.main(__doc__, "deploy.kuberay.render", OUT, render, argv)
 
 
 if __name__ == "__main__":
