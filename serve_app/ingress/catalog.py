@@ -153,8 +153,11 @@ class Catalog:
         An idle model never seen is woken and waited for (up to request_timeout_s) if
         `wake`; else it is woken in the background and NotReady is raised at once."""
         model = self._models.get(model_id)
-        stale = model is None or time.monotonic() - model.asked_at > FACTS_REFRESH_S
-        idle = stale and model_id in await self.idle()
+        if model is not None:
+            fresh = time.monotonic() - model.asked_at <= FACTS_REFRESH_S
+            if fresh or model_id in self._refreshing:
+                return model
+        idle = model_id in await self.idle()  # asked only when there is a call to make
         if model is None and idle:
             if wake:
                 return await self._ask(model_id, self.config.request_timeout_s)
@@ -162,7 +165,7 @@ class Catalog:
             raise NotReady(f"model '{model_id}' is scaled to zero; a replica is starting")
         if model is None:
             return await self._ask(model_id)
-        if stale and not idle:
+        if not idle:
             self._refresh(model_id)
         return model
 
