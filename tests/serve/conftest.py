@@ -131,48 +131,38 @@ IDLE_AUTOSCALING = {
 }
 
 
-def idle_app(checkpoint: Path) -> dict:
+def side_app(name: str, model: dict, args: dict, env: dict) -> dict:
+    """An app beside the main one at /<name>: the file's, with one zimage `model`, one
+    Ingress replica and a tenth of a CPU for each replica (two cores in CI)."""
     import yaml
 
     config = yaml.safe_load(CONFIG.read_text())
-    app = derived_app(
-        config,
-        "idle",
-        IDLE,
-        [{"id": "zimage", "model": str(checkpoint), "lora_dir": None,
-          "warmup_sizes": ["256x256"]}],
-        {},
-        {},
-    )  # fmt: skip
+    app = derived_app(config, name, f"/{name}", [{"id": "zimage", **model}], args, env)
     for d in app["deployments"]:
         if d["name"] == "Ingress":
             d.pop("autoscaling_config")  # one replica
-        if d["name"] == "Denoiser-zimage":
-            d.pop("num_replicas")
-            d["autoscaling_config"] = IDLE_AUTOSCALING
         d["ray_actor_options"] = {**d.get("ray_actor_options", {}), "num_cpus": 0.1}
+    return app
+
+
+def idle_app(checkpoint: Path) -> dict:
+    model = {"model": str(checkpoint), "lora_dir": None, "warmup_sizes": ["256x256"]}
+    app = side_app(IDLE.strip("/"), model, {}, {})
+    denoiser = next(d for d in app["deployments"] if d["name"] == "Denoiser-zimage")
+    denoiser.pop("num_replicas")
+    denoiser["autoscaling_config"] = IDLE_AUTOSCALING
     return app
 
 
 def strict_app(checkpoint: Path) -> dict:
-    import yaml
-
-    config = yaml.safe_load(CONFIG.read_text())
     entries = ",".join(entry for _, entry in STRICT_KEYS.values())
-    app = derived_app(
-        config,
-        "strict",
-        STRICT,
-        [{"id": "zimage", "model": str(checkpoint), "lora_dir": None,
-          "memory": {"budget_bytes": STRICT_BUDGET}, "requests_per_replica": 2}],
+    return side_app(
+        STRICT.strip("/"),
+        {"model": str(checkpoint), "lora_dir": None,
+         "memory": {"budget_bytes": STRICT_BUDGET}, "requests_per_replica": 2},
         {"request_timeout_s": STRICT_TIMEOUT_S, "api_keys": {"max_in_flight": 1}},
         {"T2I_API_KEYS": entries},
     )  # fmt: skip
-    for d in app["deployments"]:
-        if d["name"] == "Ingress":
-            d.pop("autoscaling_config")  # one replica
-        d["ray_actor_options"] = {**d.get("ray_actor_options", {}), "num_cpus": 0.1}
-    return app
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import openai
 import pytest
 import ray
 from PIL import Image
+from ray import serve
 
 from load_tests.local_service import deployment_config
 from tests.serve.conftest import NUM_GPUS
@@ -45,8 +46,6 @@ def test_replicas_are_placed_on_gpus_as_the_config_says(service):
     assert "GPU" not in deployment_config(service.config, "Ingress")["ray_actor_options"]
     # The session's other applications hold their own shares: the strict one's fixed
     # replicas, the idle one's running Denoisers (none unless a request woke it).
-    from ray import serve
-
     for app in service.config["applications"][1:]:
         states = serve.status().applications[app["name"]].deployments
         for d in app["deployments"]:

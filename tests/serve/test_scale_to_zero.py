@@ -45,6 +45,7 @@ def test_an_idle_model_sleeps_through_probes_and_wakes_for_a_request(service):
         cold_s = time.monotonic() - started
         assert r.status_code == 200, r.text
         assert len(r.json()["data"]) == 1
+        assert denoisers() == 1  # the count below sees this app's replica
         assert readiness(http)["status"] == "ready"
         listed = http.get("/v1/models").json()["data"]
         assert [m["id"] for m in listed] == ["zimage"]
