@@ -5,17 +5,19 @@ report's preset, 1024x1024, 25 steps, CFG 7, EulerAncestral, bf16, in one run:
   (a) stock StableDiffusionXLPipeline: its own prompt encoding + pipeline call + PIL
       image; without an adapter and with the rank-32 "niannian" adapter at 0.85
       (diffusers' LoRA loader, unfused);
-  (b) our engine, loaded as the replicas load it (compiled, LoRA slots): encode + loop +
-      decode, without the adapter and with it (hot-swapped into the slots);
+  (b) our engine, loaded as the replicas load it (compiled; adapters applied as
+      --lora-mode says, by default merged as served): encode + loop + decode, without
+      the adapter and with it;
   (c) the service over HTTP (its preset niannian brings the adapter; "lora": null not);
   the adapter's costs (below) on the engine's denoiser, and the sweep of steps 10/25/50
   for peak VRAM. Whole-card memory (nvidia-smi) is sampled during (a), (b) and (c).
 lora: the same adapter costs for Z-Image's transformer at its real size.
 
-Adapter costs: reading a file from local disk onto the device (a miss), switching the
-slots between resident adapters (a hit), a scale change, and the step time at the
-preset's size with no adapter, with one hot-swapped into the slots, and fused into the
-base weights (the merge's time and the weights' drift after undoing it).
+Adapter costs, in the engine's --lora-mode: reading a file from local disk onto the
+device (a miss), changing to another resident adapter (a hit), a scale change, going
+back to no adapter, and the step time at the preset's size with no adapter and with
+one; in hotswap mode also with the adapter merged by hand (the merge's time and the
+weights' drift after undoing it).
 """
 
 import statistics
@@ -161,7 +163,7 @@ class Families:
         encoder = load_encoder(str(path), str(self.device))
         denoiser = load_denoiser(
             str(path), str(self.device), "auto", self.args.attention, self.args.compile,
-            lora=LoraOptions(slots=1, max_rank=64),
+            lora=LoraOptions(slots=1, max_rank=64, mode=self.args.lora_mode),
         )  # fmt: skip
         loaded = time.perf_counter() - start
         warmup = denoiser.warmup([(p["width"], p["height"])])
@@ -285,6 +287,7 @@ class Families:
             "attention_backend": self.args.attention,
             "warmup_sizes": [f"{p['width']}x{p['height']}"],
             "lora_dir": str(files[0].parent),
+            "lora": {"mode": self.args.lora_mode},
         }
         body = {
             "prompt": PROMPT,
@@ -344,7 +347,7 @@ class Families:
 
     def lora(self) -> None:
         """Z-Image's adapter costs at the real size: the transformer (random weights,
-        built on the device) with one LoRA slot, compiled as served, and a rank-32
+        built on the device) taking one adapter in --lora-mode, compiled as served, and a rank-32
         adapter on its main blocks' attention and feed-forward layers."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
         from diffusers.loaders import ZImageLoraLoaderMixin
@@ -390,7 +393,7 @@ class Families:
             prepare_transformer(transformer, self.args.attention)
             slots = ZImageDenoiser.attach(
                 transformer, vae, ZImageDenoiser.lora_family.targets, self.args.compile,
-                LoraOptions(slots=1, max_rank=64),
+                LoraOptions(slots=1, max_rank=64, mode=self.args.lora_mode),
             )  # fmt: skip
             scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
             den = ZImageDenoiser(transformer, vae, dict(scheduler.config), self.device, slots)
@@ -409,7 +412,12 @@ class Families:
     # --- what an adapter costs ----------------------------------------------------------
 
     def lora_costs(self, den, params, embeddings, files: list[Path]) -> dict:
+        """What an adapter costs on `den`, in the mode it applies adapters in (see
+        serve_app/engine/lora): fuse (merged into the weights) or hotswap (slots)."""
         timer, out = self.timer, {}
+        from serve_app.engine.lora import FusedLora
+
+        fused = isinstance(den.lora, FusedLora)
         reads: list[float] = []
         for _ in range(3):
             for file in files:
@@ -422,10 +430,13 @@ class Families:
             "device_bytes": a.nbytes,
             "rank": a.rank,
             "modules": len(a.modules),
+            "mode": "fuse" if fused else "hotswap",
             "slot_max_rank": den.lora.max_rank,
         }
+        if fused:
+            out["adapter"]["host_copy_bytes"] = den.lora.host_bytes
         out["miss_read_to_device"] = summary(reads)  # page-cached file: a warm disk read
-        switch, scale = [], []
+        switch, scale, back = [], [], []
         den.lora.activate([(a, 0.85)])
         for i in range(6):
             with timer(switch):
@@ -433,22 +444,28 @@ class Families:
         for s in (0.5, 0.85, 1.0, 0.3, 0.85):
             with timer(scale):
                 den.lora.activate([(a, s)])
-        out["hit_switch_slot_copy"] = summary(switch)
+        for _ in range(3):
+            with timer(back):
+                den.lora.activate([])
+            den.lora.activate([(a, 0.85)])
+        out["hit_switch"] = summary(switch)
         out["hit_scale_change"] = summary(scale)
+        out["back_to_none"] = summary(back)
         out["step_none"] = self.steps(den, params, embeddings, [])
-        out["step_hot_swapped"] = self.steps(den, params, embeddings, [(a, 0.85)])
-        fuse_s, unfuse_s = [], []
-        with timer(fuse_s):
-            originals = fuse(den, a, 0.85)
-        out["step_fused"] = self.steps(den, params, embeddings, [])
-        with timer(unfuse_s):
-            drift = unfuse(den, a, 0.85, originals)
-        out["fuse_merge_ms"] = round(fuse_s[0] * 1000, 2)
-        out["fuse_undo_ms"] = round(unfuse_s[0] * 1000, 2)
-        out["fuse_undo_max_abs_drift"] = drift
+        out["step_adapter"] = self.steps(den, params, embeddings, [(a, 0.85)])
         none = out["step_none"]["p50_ms"]
-        out["hot_swapped_step_over_none"] = round(out["step_hot_swapped"]["p50_ms"] / none, 4)
-        out["fused_step_over_none"] = round(out["step_fused"]["p50_ms"] / none, 4)
+        out["adapter_step_over_none"] = round(out["step_adapter"]["p50_ms"] / none, 4)
+        if not fused:  # the merge by hand, for comparison
+            fuse_s, unfuse_s = [], []
+            with timer(fuse_s):
+                originals = fuse(den, a, 0.85)
+            out["step_fused"] = self.steps(den, params, embeddings, [])
+            with timer(unfuse_s):
+                drift = unfuse(den, a, 0.85, originals)
+            out["fuse_merge_ms"] = round(fuse_s[0] * 1000, 2)
+            out["fuse_undo_ms"] = round(unfuse_s[0] * 1000, 2)
+            out["fuse_undo_max_abs_drift"] = drift
+            out["fused_step_over_none"] = round(out["step_fused"]["p50_ms"] / none, 4)
         self.log("lora costs", out)
         return out
 
@@ -467,7 +484,8 @@ class Families:
 @torch.no_grad()
 def fuse(den, adapter, scale: float) -> dict:
     """Merge `adapter` at `scale` into the base weights of the layers it adapts (what
-    diffusers' fuse_lora does), slots off; returns the weights as they were."""
+    diffusers' fuse_lora does), slots off (hotswap mode); returns the weights as they
+    were."""
     den.lora.activate([])
     originals = {}
     for module, (a, b, factor) in adapter.modules.items():
@@ -543,26 +561,36 @@ def markdown(result: dict) -> list[str]:
         if not costs:
             continue
         ad = costs["adapter"]
+        fused = ad.get("mode") == "fuse"
+        how = (
+            f"merged into the weights from a host copy of {gib(ad['host_copy_bytes'])} GiB"
+            if fused
+            else f"hot-swapped into slots of rank {ad['slot_max_rank']}"
+        )
+        change = "copy the weights back, merge" if fused else "copy into the slot"
         lines += [
             "",
             f"{name} adapter (rank {ad['rank']}, {ad['modules']} layers, {ad['file_bytes']} "
-            f"bytes on disk, slots of rank {ad['slot_max_rank']}):",
+            f"bytes on disk), {how}:",
             "",
             "| what | p50 ms |",
             "|---|---|",
             f"| miss: file read onto the device | {costs['miss_read_to_device'].get('p50_ms')} |",
-            f"| hit: switch the slot to another resident adapter "
-            f"| {costs['hit_switch_slot_copy'].get('p50_ms')} |",
+            f"| hit: another resident adapter ({change}) | {costs['hit_switch'].get('p50_ms')} |",
             f"| hit: scale change | {costs['hit_scale_change'].get('p50_ms')} |",
+            f"| back to no adapter | {costs['back_to_none'].get('p50_ms')} |",
             f"| step, no adapter | {costs['step_none'].get('p50_ms')} |",
-            f"| step, hot-swapped adapter | {costs['step_hot_swapped'].get('p50_ms')} "
-            f"({costs['hot_swapped_step_over_none']}x) |",
-            f"| step, fused adapter | {costs['step_fused'].get('p50_ms')} "
-            f"({costs['fused_step_over_none']}x) |",
-            f"| fuse (merge into the weights) | {costs['fuse_merge_ms']} |",
-            f"| undo the merge | {costs['fuse_undo_ms']} (max drift "
-            f"{costs['fuse_undo_max_abs_drift']:.3g}) |",
+            f"| step, {'merged' if fused else 'hot-swapped'} adapter "
+            f"| {costs['step_adapter'].get('p50_ms')} ({costs['adapter_step_over_none']}x) |",
         ]
+        if not fused:
+            lines += [
+                f"| step, merged by hand | {costs['step_fused'].get('p50_ms')} "
+                f"({costs['fused_step_over_none']}x) |",
+                f"| merge by hand | {costs['fuse_merge_ms']} |",
+                f"| undo the merge | {costs['fuse_undo_ms']} (max drift "
+                f"{costs['fuse_undo_max_abs_drift']:.3g}) |",
+            ]
     if sdxl.get("sweep"):
         lines += ["", "| SDXL guidance | steps | latency ms | peak VRAM GiB |", "|---|---|---|---|"]
         for r in sdxl["sweep"]:

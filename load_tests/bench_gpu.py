@@ -957,6 +957,12 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--attention", default="native")
     parser.add_argument(
+        "--lora-mode",
+        choices=["fuse", "hotswap"],
+        default="fuse",
+        help="how the sdxl and lora phases' engines apply adapters (default: as served)",
+    )
+    parser.add_argument(
         "--fuse",
         action=argparse.BooleanOptionalAction,
         default=False,

@@ -30,8 +30,15 @@ class LoraSettings(BaseModel):
     """How a model's Denoiser replicas serve adapters.
 
     Args:
-        slots: adapters one request may combine (1-3). Each adds a rank-`max_rank`
-            product to every adapted layer of a step that uses adapters.
+        mode: how adapters are applied (serve_app/engine/lora). "fuse" (the default):
+            a request's adapters are merged into the weights; its steps cost what the
+            base model's do, a change of adapters or scale costs a copy of the adapted
+            weights back from the host and a merge (SDXL on an H200: README), and the
+            host keeps a copy of those weights (SDXL's UNet: about 4 GiB of RAM per
+            replica). "hotswap": adapters run in LoRA slots compiled into the model; a
+            change costs a copy of the adapter's matrices, every step their products.
+        slots: adapters one request may combine (1-3). With "hotswap" each adds a
+            rank-`max_rank` product to every adapted layer of a step that uses adapters.
         max_rank: the largest adapter rank accepted; smaller ones are zero-padded.
         cache_size: adapters each Denoiser replica keeps resident (least recently used
             evicted first; never one a running or queued request uses). Also the
@@ -41,6 +48,7 @@ class LoraSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    mode: Literal["fuse", "hotswap"] = "fuse"
     slots: int = Field(1, ge=1, le=MAX_LORAS)
     max_rank: int = Field(64, ge=1, le=1024)
     cache_size: int = Field(8, ge=1)

@@ -54,7 +54,7 @@ class Denoiser(Replica):
         folder = lora_folder(settings, checkpoint.resolve(settings.model)[0])
         lora = None
         if folder is not None:
-            lora = LoraOptions(settings.lora.slots, settings.lora.max_rank)
+            lora = LoraOptions(settings.lora.slots, settings.lora.max_rank, settings.lora.mode)
         engine = load_denoiser(
             settings.model,
             settings.device,
@@ -90,6 +90,12 @@ class Denoiser(Replica):
             loaded - started,
             self.warmup_s,
         )
+        if host_bytes := getattr(engine.lora, "host_bytes", 0):
+            logger.info(
+                "Denoiser %s merges adapters from a %.2f GiB host copy of the adapted weights",
+                self.model_id,
+                host_bytes / 2**30,
+            )
 
     def _check_presets(self) -> None:
         """Every preset drawable by this model, the default among them; refused at start."""

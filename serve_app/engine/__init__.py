@@ -66,7 +66,7 @@ def load_denoiser(
     Args:
         options: the family's own settings, checked against its `Options` (a misspelt
             key is an error).
-        lora: LoRA slots to carry, or None for a model that serves no adapters.
+        lora: how the model applies adapters, or None for a model that serves none.
     """
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)

@@ -1,6 +1,7 @@
-"""What every family's denoiser shares: LoRA slots, compilation, the warm-up over both
-slot states, and `generate` through the shared loop. A family adds its `sampling` (the
-phases of its pipeline's `__call__` up to the loop) and its warm-up paths."""
+"""What every family's denoiser shares: adapters (LoRA), compilation, the warm-up over
+the adapters' states, and `generate` through the shared loop. A family adds its
+`sampling` (the phases of its pipeline's `__call__` up to the loop) and its warm-up
+paths."""
 
 import time
 from dataclasses import dataclass
@@ -13,23 +14,30 @@ from serve_app.engine import loop
 from serve_app.engine.cancel import CancelToken
 from serve_app.engine.compiling import configure_dynamo
 from serve_app.engine.graphs import CudaGraphs
-from serve_app.engine.lora import Adapter, LoraFamily, LoraSlots, read_adapter
+from serve_app.engine.lora import Adapter, FusedLora, LoraFamily, LoraSlots, read_adapter
 from serve_app.engine.stages import StageRecorder
 from serve_app.messages import GenerationParams
 
-# Slots on, every scale 0: what the warm-up runs so that the slots' graph is compiled too.
-BLANK = Adapter("", 0, {}, [], 0)
+LORA_MODES = ("fuse", "hotswap")
 
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """How many adapters one request may combine and the largest rank accepted.
+    """How a model applies adapters (see serve_app/engine/lora): `mode` "fuse" merges a
+    request's adapters into the weights, "hotswap" runs them in LoRA slots; `slots`
+    adapters one request may combine, `max_rank` the largest rank accepted.
 
-    Each slot adds a rank-`max_rank` product to every adapted layer of a step that uses
-    adapters (smaller ranks are zero-padded); requests without adapters skip them."""
+    In "hotswap" each slot adds a rank-`max_rank` product to every adapted layer of a
+    step that uses adapters (smaller ranks are zero-padded); requests without adapters
+    skip them."""
 
     slots: int = 1
     max_rank: int = 64
+    mode: str = "fuse"
+
+    def __post_init__(self):
+        if self.mode not in LORA_MODES:
+            raise ValueError(f"LoRA mode {self.mode!r}: one of {', '.join(LORA_MODES)}")
 
 
 class Denoiser:
@@ -43,7 +51,8 @@ class Denoiser:
         vae: its AutoencoderKL.
         scheduler_config: the family's scheduler config; each call builds its own.
         device: where both models run.
-        lora: the model's LoRA slots, or None when the model serves no adapters.
+        lora: where the model's adapters go (see `attach`), or None when it serves
+            none.
     """
 
     family: str
@@ -52,7 +61,12 @@ class Denoiser:
     default_preset: str
 
     def __init__(
-        self, model, vae, scheduler_config: dict, device: torch.device, lora: LoraSlots | None
+        self,
+        model,
+        vae,
+        scheduler_config: dict,
+        device: torch.device,
+        lora: LoraSlots | FusedLora | None,
     ):
         self.model = model.to(device).eval().requires_grad_(False)
         self.vae = vae.to(device).eval().requires_grad_(False)
@@ -104,18 +118,21 @@ class Denoiser:
 
     @staticmethod
     def attach(model, vae, targets: str, compile: bool, lora: LoraOptions | None):
-        """LoRA slots on `model` (before compiling, as hot-swap needs), then regional
+        """Where `model`'s adapters go, as `lora.mode` says: LoRA slots (made before
+        compiling, as hot-swap needs) or merges into its layers. Then regional
         compilation of its repeated blocks and of the VAE decoder, with dynamic shapes:
         one compilation serves every size, prompt length and batch; the first calls
-        compile (see `warmup`). Returns the slots, or None without `lora`."""
-        slots = None
-        if lora is not None:
-            slots = LoraSlots(model, targets, lora.slots, lora.max_rank)
+        compile (see `warmup`). Returns the slots or merges, or None without `lora`."""
+        target = None
+        if lora is not None and lora.mode == "hotswap":
+            target = LoraSlots(model, targets, lora.slots, lora.max_rank)
+        elif lora is not None:
+            target = FusedLora(model, targets, lora.slots, lora.max_rank)
         if compile:
             configure_dynamo()
             model.compile_repeated_blocks(fullgraph=True, dynamic=True)
             vae.decoder.compile(dynamic=True)
-        return slots
+        return target
 
     def read_adapter(self, path: Path) -> Adapter:
         """Read and check an adapter file for this model; see lora.read_adapter."""
@@ -140,7 +157,7 @@ class Denoiser:
             params: what to draw.
             embeddings: the family encoder's output for `params`.
             cancel, recorder, progress: see loop.generate.
-            loras: (adapter, scale) pairs this call applies, at most one per slot.
+            loras: (adapter, scale) pairs this call applies (at most `slots`).
             on_preview: told of `params.partial_images` previews of the first image.
             sampling_kwargs: family options of `sampling` (e.g. Z-Image's `sigmas`).
 
@@ -186,12 +203,13 @@ class Denoiser:
         return fit_preview_map(self.vae, self.to_vae, channels, self.vae_scale_factor, self.device)
 
     def warmup(self, sizes: list[tuple[int, int]]) -> dict[str, float]:
-        """Run `warmup_calls` for each (width, height), with the LoRA slots off and on,
+        """Run `warmup_calls` for each (width, height), in each adapter state that has
+        graphs of its own (hotswap: the slots off and on),
         so that compilation, kernel selection and allocator growth happen before the
         first request, then capture their CUDA graphs (see use_graphs). Returns the
         seconds each size took."""
         took = {}
-        states = [[], [(BLANK, 0.0)]] if self.lora is not None else [[]]
+        states = self.lora.warmup_states if self.lora is not None else [[]]
         for width, height in sizes:
             began = time.perf_counter()
             for loras in states:

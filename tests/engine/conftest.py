@@ -1,6 +1,7 @@
 import pytest
 
 from serve_app.engine import LoraOptions, checkpoint, load_denoiser, load_encoder
+from serve_app.engine.denoiser import LORA_MODES
 from serve_app.messages import GenerationParams
 
 # One small request per family, with guidance by each family's own rule.
@@ -52,15 +53,25 @@ def family(request):
     return name, enc, den, FAMILY_PARAMS[name]
 
 
-@pytest.fixture(scope="session", params=["zimage", "sdxl"])
+LORA_CASES = [(name, mode) for name in ("zimage", "sdxl") for mode in LORA_MODES]
+
+
+@pytest.fixture(scope="session", params=LORA_CASES, ids=[f"{n}-{m}" for n, m in LORA_CASES])
 def lora_family(request):
-    """(family, encoder, denoiser with two LoRA slots, checkpoint folder) of each family."""
-    name = request.param
+    """(family, encoder, denoiser taking two adapters, checkpoint folder) of each family,
+    for each way of applying adapters (the denoiser's `lora`: FusedLora or LoraSlots)."""
+    name, mode = request.param
     enc = request.getfixturevalue("encoder" if name == "zimage" else "sdxl_encoder")
-    den = load_denoiser(
-        MODELS[name], device="cpu", dtype="float32", lora=LoraOptions(slots=2, max_rank=8)
-    )
+    lora = LoraOptions(slots=2, max_rank=8, mode=mode)
+    den = load_denoiser(MODELS[name], device="cpu", dtype="float32", lora=lora)
     return name, enc, den, checkpoint.resolve(MODELS[name])[0]
+
+
+def lora_mode(den) -> str:
+    """The way `den` applies adapters ("fuse" or "hotswap")."""
+    from serve_app.engine.lora import FusedLora
+
+    return "fuse" if isinstance(den.lora, FusedLora) else "hotswap"
 
 
 def step_module(name: str, den):

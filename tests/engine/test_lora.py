@@ -1,5 +1,6 @@
-"""Adapters per request, for each family: both file formats, scales, isolation between
-requests, refusals that name the file, no recompilation on a swap, the resident cache."""
+"""Adapters per request, for each family and each way of applying them (merged or
+hot-swapped): both file formats, scales, isolation between requests, refusals that name
+the file, no recompilation on a swap, the resident cache."""
 
 import os
 from dataclasses import replace
@@ -12,7 +13,7 @@ import torch
 from serve_app.engine import LoraOptions, lora
 from serve_app.engine.lora import Adapter, AdapterCache
 from serve_app.errors import AdapterError, BadLoraName, UnknownLora
-from tests.engine.conftest import FAMILY_PARAMS, MODELS
+from tests.engine.conftest import FAMILY_PARAMS, MODELS, lora_mode
 
 
 def adapters(folder: Path, den) -> dict[str, Adapter]:
@@ -102,14 +103,14 @@ def test_an_adapter_above_the_max_rank_is_refused(lora_family, tmp_path):
 
 def test_swapping_adapters_and_scales_never_recompiles(lora_family, eager_compile):
     """Compiled (Dynamo's graphs and guards; the "eager" backend skips code generation),
-    warmed with the slots off and on: adapters, scales and none in any order, with and
-    without guidance, run on the graphs the warm-up made."""
+    warmed in each adapter state with graphs of its own (hotswap: the slots off and on):
+    adapters, scales and none in any order, with and without guidance, run on the graphs
+    the warm-up made."""
     family, enc, plain, path = lora_family
     from serve_app.engine import load_denoiser
 
-    den = load_denoiser(
-        MODELS[family], "cpu", "float32", compile=True, lora=LoraOptions(slots=2, max_rank=8)
-    )
+    lora = LoraOptions(slots=2, max_rank=8, mode=lora_mode(plain))
+    den = load_denoiser(MODELS[family], "cpu", "float32", compile=True, lora=lora)
     den.warmup([(256, 256)])
     found = adapters(path / "loras", den)
     adapter, other = found["tiny-style"], found["tiny-kohya"]
@@ -168,7 +169,8 @@ def test_cache_never_evicts_a_pinned_adapter():
 @pytest.mark.parametrize("name", ["tiny-style", "tiny-kohya"])
 def test_an_adapter_draws_what_the_stock_pipeline_draws_with_it(lora_family, name):
     """The same file through diffusers' own pipeline (load_lora_weights + set_adapters,
-    its PEFT layers): our slots give its pixels, for both formats and families."""
+    its PEFT layers): our slots and merges give its pixels, for both formats and
+    families."""
     from diffusers import DiffusionPipeline
 
     family, enc, den, path = lora_family
@@ -199,6 +201,8 @@ def test_a_smaller_rank_after_a_larger_one_in_the_same_slot(lora_family, tmp_pat
     from serve_app.engine.tiny import random_lora
 
     family, enc, den, path = lora_family
+    if lora_mode(den) != "hotswap":
+        pytest.skip("merged adapters have no slots")
     p = replace(FAMILY_PARAMS[family], num_inference_steps=2)
     with torch.device("meta"):  # the model's layers without the slots wrapped round them
         bare = type(den.model).from_config(den.model.config)
@@ -233,3 +237,48 @@ def test_the_slots_scales_go_where_the_model_goes():
     slots.to(torch.device("meta"))  # as a CUDA device would, with no CUDA here
     scales = [layer.scaling[s] for layer in slots.layers.values() for s in slots.names]
     assert len(scales) == 2 and all(t.device.type == "meta" for t in scales)
+
+
+def original_weights(den) -> dict[str, torch.Tensor]:
+    return {name: layer.weight.detach().clone() for name, layer in den.lora.layers.items()}
+
+
+def test_a_merge_always_starts_from_the_original_weights(lora_family):
+    """Merged adapters: after any sequence of adapters and scales, a request without one
+    runs on the very weights the model was loaded with."""
+    _, _, den, path = lora_family
+    if lora_mode(den) != "fuse":
+        pytest.skip("hot-swapped adapters never touch the weights")
+    found = adapters(path / "loras", den)
+    style, kohya = found["tiny-style"], found["tiny-kohya"]
+    den.lora.activate([])
+    before = original_weights(den)
+    for loras in [[(style, 0.85)], [(style, 0.3)], [(kohya, 2.0), (style, 1.0)], [(kohya, 0.0)]]:
+        den.lora.activate(loras)
+        changed = sum(not torch.equal(w, before[n]) for n, w in original_weights(den).items())
+        assert changed == len({m for a, s in loras if s for m in a.modules})
+    for name, weight in original_weights(den).items():  # scale 0: the originals, bit for bit
+        assert torch.equal(weight, before[name]), name
+
+
+def test_a_merge_that_fails_halfway_leaves_the_original_weights(lora_family):
+    """A merge that stops partway (here: a layer's matrices of the wrong shape, as an
+    out-of-memory error would stop it) puts back what it had changed."""
+    name, enc, den, path = lora_family
+    if lora_mode(den) != "fuse":
+        pytest.skip("hot-swapped adapters never touch the weights")
+    p = replace(FAMILY_PARAMS[name], num_inference_steps=2)
+    style = adapters(path / "loras", den)["tiny-style"]
+    den.lora.activate([])
+    before, base = original_weights(den), draw(enc, den, p)
+    modules = dict(style.modules)
+    last = sorted(modules)[-1]
+    a, b, factor = modules[last]
+    modules[last] = (a[:, :1], b, factor)  # sorted last: merged after all the others
+    broken = Adapter("broken", 0, modules, [], style.rank)
+    with pytest.raises(RuntimeError):
+        den.lora.activate([(broken, 1.0)])
+    for layer, weight in original_weights(den).items():
+        assert torch.equal(weight, before[layer]), layer
+    np.testing.assert_array_equal(draw(enc, den, p), base)
+    assert differ(draw(enc, den, p, [(style, 1.0)]), base) > 1  # and it still merges
