@@ -156,6 +156,8 @@ class Adapters:
             "resident_bytes": self.cache.nbytes,
             "loads": dict(self.loads),
             "hits": dict(self.hits),
+            "mode": self.settings.mode,
+            "host_copy_bytes": getattr(self.engine.lora, "host_bytes", 0),
             "slots": self.settings.slots,
             "max_rank": self.settings.max_rank,
         }
