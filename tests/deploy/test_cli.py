@@ -50,12 +50,15 @@ def test_serve_cli_drives_the_cluster_make_serve_starts(tmp_path):
     config["http_options"]["port"] = http_port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
+    (tmp_path / "home").mkdir()
     env = {
         **os.environ,
         "RAY_PORT": str(free_port()),
         "DASHBOARD_PORT": str(dashboard_port),
         "METRICS_PORT": str(free_port()),
         "PATH": f"{SERVE.parent}:{os.environ['PATH']}",
+        # As on a fresh machine: no ~/.ray/auth_token yet (scripts/serve makes one).
+        "HOME": str(tmp_path / "home"),
     }
     env.pop("RAY_AUTH_MODE", None)  # as in a fresh shell
     log = tmp_path / "serve.log"
@@ -90,6 +93,7 @@ def test_serve_cli_drives_the_cluster_make_serve_starts(tmp_path):
         assert (colour_at(circle, "centre"), colour_away(circle, ["centre"])) == ("red", "blue")
         # Without the token the CLI is refused (what an operator saw before the README
         # said what to set); with RAY_AUTH_MODE=token it finds ~/.ray/auth_token.
+        assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
         refused = cli("status", auth=False)
         assert refused.returncode != 0 and "auth" in refused.stderr.lower()
         assert status()["applications"]["t2i"]["status"] == "RUNNING"
