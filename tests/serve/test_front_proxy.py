@@ -228,7 +228,7 @@ class Arrivals:
 
 
 def test_stream_events_arrive_through_nginx_as_they_are_made(front):
-    body = {"prompt": "x", "size": "512x512", "num_inference_steps": 20, "stream": True}
+    body = {"prompt": "x", "size": "512x512", "num_inference_steps": 40, "stream": True}
     with front.client() as http, http.stream("POST", "/v1/images/generations", json=body) as r:
         assert r.status_code == 200, front.log()
         arrivals = Arrivals(r)
@@ -236,7 +236,7 @@ def test_stream_events_arrive_through_nginx_as_they_are_made(front):
     timed = [(at, name, data) for at, (name, data) in zip(arrivals.at, got, strict=True)]
     progress = [(at, data) for at, name, data in timed if name == "image_generation.progress"]
     done_at, done_name, done = timed[-1]
-    assert done_name == "image_generation.completed" and len(progress) == 21  # 20 steps, decode
+    assert done_name == "image_generation.completed" and len(progress) == 41  # 40 steps, decode
 
     # The service's own time from its first progress event to the end, against the
     # client's from that event's arrival to the completed one's: a proxy that held them
