@@ -38,9 +38,9 @@ ADAPTER_SCALE = 0.85
 CAPTION_DROPOUT = 0.1
 SIZE = 256
 # The folder's presets.json (see serve_app/engine/checkpoint.py). Guidance 5 at 8 steps:
-# the shipped weights draw 9 of 10 held-aside scenes right there on a CPU (README, "The
-# demo model"); fresh GPU runs drew 100% and 73% there, 80-100% without guidance
-# (load_tests/results/NVIDIA-H200-2026-12-03-demo-eval-*.json).
+# the shipped weights (one plain H200 run of this script) draw all 15 held-aside scenes
+# right there on a CPU (README, "The demo model"); earlier fresh GPU runs drew 100% and
+# 73% (load_tests/results/*-2026-12-03-demo-eval-*.json).
 PRESETS = {
     "presets": {
         "demo": {"width": SIZE, "height": SIZE, "num_inference_steps": 8, "guidance_scale": 5.0},

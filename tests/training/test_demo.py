@@ -46,8 +46,8 @@ def test_held_aside_captions_draw_the_asked_colours_at_the_asked_places(drawer, 
         for seed in SEEDS
     ]
     wrong = [c for c in checks if not c.right]
-    # 8 of 10: one held-aside scene (an orange circle) often comes out yellow.
-    assert len(wrong) <= 2, wrong
+    # 10 of 10 measured on the 2-core CPU (README, "What it draws"); one miss allowed.
+    assert len(wrong) <= 1, wrong
 
 
 def test_guidance_changes_the_image(drawer, preset):
@@ -80,6 +80,6 @@ def test_the_outline_adapter_hollows_the_shapes_and_at_scale_0_does_nothing(draw
     off = drawer(scenes[0].caption, 0, **preset, lora=("outline", 0.0))
     assert np.array_equal(off, plain[0])
     assert not any(hollow(image, s) for image, s in zip(plain, scenes, strict=True))
-    # 3 of 5 measured: the outlines come out broken and of mixed colours (README).
+    # 4 of 5 measured at seed 0; 14 of 15 over seeds 0-2 (README, "What it draws").
     drawn = [hollow(image, s) for image, s in zip(styled, scenes, strict=True)]
-    assert sum(drawn) >= 3, drawn
+    assert sum(drawn) >= 4, drawn
