@@ -23,7 +23,7 @@ HEADER = """\
 # edit that, then generate again. The one change: each Denoiser's autoscaling lets it
 # go to zero replicas after half an hour idle, which frees its GPU. The first
 # request after that waits for a replica to load and warm up: 81.7 s for Z-Image on an
-# H100 (load_tests/results/*bench-11.json), 93.4 s for SDXL on an H200 (*sdxl-4.md),
+# H100 (load_tests/results/*bench-11.json), 126 s for SDXL's replica on an H200 (*sdxl-5*),
 # within the app's request_timeout_s (240). While a model is idle, /readyz says "idle"
 # (200) and neither it nor GET /v1/models starts a replica; a generation request does.
 # The encoders stay: they share card 0, and a cold one would add its load to that wait.
