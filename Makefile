@@ -66,12 +66,12 @@ train-demo: install
 	$(BIN)/python -m training.train_demo --out $(DEMO_OUT) $(TRAIN_ARGS)
 
 lint: install
-	$(BIN)/ruff check serve_app tests load_tests training deploy
-	$(BIN)/ruff format --check serve_app tests load_tests training deploy
+	$(BIN)/ruff check serve_app tests load_tests training deploy scripts
+	$(BIN)/ruff format --check serve_app tests load_tests training deploy scripts
 
 format: install
-	$(BIN)/ruff format serve_app tests load_tests training deploy
-	$(BIN)/ruff check --fix serve_app tests load_tests training deploy
+	$(BIN)/ruff format serve_app tests load_tests training deploy scripts
+	$(BIN)/ruff check --fix serve_app tests load_tests training deploy scripts
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -27,6 +27,7 @@ STAGES = (
     "encode",
     "encode_transfer",
     "queue",
+    "adapters",
     "denoise",
     "decode",
     "result_transfer",

@@ -43,18 +43,17 @@ class ReplicaMemory:
         import torch
 
         allocated = torch.cuda.memory_allocated(device)
+        reserved = torch.cuda.memory_reserved(device)
         # The CUDA graphs' pool, beyond live tensors: their activations, reserved for
         # their replays (a capture empties the allocator's cache before it runs, so the
         # cache holds little else), memory no request outside the graphs can use.
         # Counted as held, a graphed request's own activations count twice: a refusal
         # on the safe side.
-        pool = torch.cuda.memory_reserved(device) - allocated if engine.graphs else 0
+        pool = reserved - allocated if engine.graphs else 0
         budget = settings.budget_bytes
         if budget is None:
             free, total = torch.cuda.mem_get_info(device)
-            if settings.fraction is not None:
-                held = total * settings.fraction
-            else:  # what it holds now and what no other process holds
-                held = torch.cuda.memory_reserved(device) + free
+            # Its fraction of the card, or what it holds now and no other process does.
+            held = total * settings.fraction if settings.fraction is not None else reserved + free
             budget = int(held - settings.reserve_bytes)
         return cls(allocated - adapter_bytes + pool, budget)

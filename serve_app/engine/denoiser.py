@@ -166,10 +166,13 @@ class Denoiser:
         loras = list(loras)
         if loras and self.lora is None:
             raise ValueError("this model serves no adapters")
+        recorder = recorder or StageRecorder(self.device)
 
         def prepare() -> loop.Sampling:
             if self.lora is not None:
-                self.lora.activate(loras)
+                # Its own stage: on a switch, a merge or a slot copy (see lora.activate).
+                with recorder.stage("adapters"):
+                    self.lora.activate(loras)
             return self.sampling(params, embeddings, **sampling_kwargs)
 
         return loop.generate(

@@ -60,7 +60,8 @@ def generate(
         params: what to draw.
         device: where the models run.
         cancel: checked before every step and every image decode.
-        recorder: receives the "denoise" and "decode" stages and each step's time.
+        recorder: receives the "denoise" and "decode" stages and each step's time (and
+            whatever stages `prepare` records: the denoiser's "adapters").
         progress: told of each finished step and of the start of decoding.
         progress_when_queued: tell of a step once the next step's work is queued on the
             device instead of at the step boundary: the listener (a replica's event loop)

@@ -12,7 +12,8 @@ import torch
 
 from serve_app.engine import LoraOptions, lora
 from serve_app.engine.lora import Adapter, AdapterCache
-from serve_app.errors import AdapterError, BadLoraName, UnknownLora
+from serve_app.engine.stages import StageRecorder
+from serve_app.errors import AdapterError, BadLoraName, DoesNotFit, UnknownLora
 from tests.engine.conftest import FAMILY_PARAMS, MODELS, lora_mode
 
 
@@ -282,3 +283,23 @@ def test_a_merge_that_fails_halfway_leaves_the_original_weights(lora_family):
         assert torch.equal(weight, before[layer]), layer
     np.testing.assert_array_equal(draw(enc, den, p), base)
     assert differ(draw(enc, den, p, [(style, 1.0)]), base) > 1  # and it still merges
+
+
+def test_putting_the_adapters_in_place_is_a_stage_of_its_own(lora_family, monkeypatch):
+    """What a request's adapters cost before its steps (a merge, a slot copy) is its
+    "adapters" stage, before "denoise"; running out of memory there says so."""
+    name, enc, den, path = lora_family
+    p = replace(FAMILY_PARAMS[name], num_inference_steps=2)
+    style = adapters(path / "loras", den)["tiny-style"]
+    recorder = StageRecorder(den.device)
+    den.generate(p, enc.encode_params(p), recorder=recorder, loras=[(style, 0.85)])
+    assert list(recorder.stages)[:2] == ["adapters", "denoise"]
+    assert recorder.stages["adapters"].outcome == "ok"
+
+    def out_of_memory(loras):
+        raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+
+    monkeypatch.setattr(den.lora, "activate", out_of_memory)
+    with pytest.raises(DoesNotFit) as raised:
+        den.generate(p, enc.encode_params(p), loras=[(style, 1.0)])
+    assert raised.value.stage == "adapters"

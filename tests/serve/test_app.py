@@ -67,10 +67,12 @@ def test_openai_client_gets_a_png_of_the_requested_size(service):
         assert (image.format, image.size, image.mode) == ("PNG", (320, 256), "RGB")
     extra = result.model_extra
     assert isinstance(extra["seed"], int)
-    stages = {"encode", "queue", "denoise", "decode", "encode_image", "e2e"}
+    # "adapters": putting the request's adapters in place (none here), for a model
+    # that serves adapters, as the default does.
+    stages = {"encode", "queue", "adapters", "denoise", "decode", "encode_image", "e2e"}
     assert set(extra["timings"]) == stages | {"encode_transfer", "result_transfer"}
     assert all(extra["timings"][k] >= 0 for k in ("encode_transfer", "result_transfer"))
-    assert set(extra["vram"]) == {"encode", "denoise", "decode"}
+    assert set(extra["vram"]) == {"encode", "adapters", "denoise", "decode"}
     assert all(v == 0 for v in extra["vram"].values())  # CPU
 
 

@@ -54,7 +54,7 @@ def test_report_json_has_latency_and_vram_per_stage(service, tmp_path):
     assert row["error"] is None and row["size"] == "256x256" and row["num_inference_steps"] == 1
     assert list(row["latency_ms"]) == list(STAGES)
     assert row["latency_ms"]["e2e"] >= row["latency_ms"]["denoise"] > 0
-    assert row["vram_peak_bytes"] == {"encode": 0, "denoise": 0, "decode": 0}
+    assert row["vram_peak_bytes"] == {"encode": 0, "adapters": 0, "denoise": 0, "decode": 0}
 
 
 def test_a_refused_config_is_a_row_saying_why_and_the_rest_still_run(service):
