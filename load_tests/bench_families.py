@@ -195,8 +195,8 @@ class Families:
                         continue
                     steps += recorder.step_seconds
                     for name, rec in recorder.stages.items():
-                        stages[name].append(rec.seconds)
-                        stage_peaks[name] = max(stage_peaks[name], rec.vram_peak_bytes)
+                        stages.setdefault(name, []).append(rec.seconds)  # and "adapters"
+                        stage_peaks[name] = max(stage_peaks.get(name, 0), rec.vram_peak_bytes)
             out[variant] = {
                 "e2e": summary(e2e),
                 "stages": {k: summary(v) for k, v in stages.items()},
