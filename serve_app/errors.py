@@ -23,6 +23,10 @@ class Cancelled(Exception):
         return f"cancelled in {self.stage} after {self.steps_done}/{self.steps_total} steps"
 
 
+class CheckpointError(ValueError):
+    """The model setting does not point at a usable checkpoint."""
+
+
 class PromptTooLong(ValueError):
     """The prompt (or negative prompt) is longer than the text encoder takes.
 

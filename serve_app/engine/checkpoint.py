@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from serve_app.errors import CheckpointError
+
 # The hub libraries read these at import; set them before transformers/diffusers load.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -26,10 +28,6 @@ SHIPPED = {"demo": Path(__file__).parents[1] / "data" / "demo"}
 # A checkpoint folder's own presets, if it has them (the demo's): {"presets": {name:
 # {width, height, num_inference_steps, guidance_scale, loras}}, "default_preset": name}.
 PRESETS_FILE = "presets.json"
-
-
-class CheckpointError(ValueError):
-    """The model setting does not point at a usable checkpoint."""
 
 
 def cache_dir() -> Path:

@@ -22,7 +22,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from serve_app.engine.checkpoint import CheckpointError
+from serve_app.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
