@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
+from serve_app.ingress.detached import detached
 from serve_app.ingress.errors import NotReady
 from serve_app.schema import MAX_IMAGES, MAX_STEPS, InvalidRequest, Limits
 
@@ -170,9 +171,10 @@ class Catalog:
         return model
 
     def _refresh(self, model_id: str, wait_s: float = DESCRIBE_TIMEOUT_S) -> None:
-        """Ask the model's facts in the background (once at a time)."""
+        """Ask the model's facts in the background (once at a time), outside the
+        request that asked: its client leaving must not cancel the refresh."""
         if model_id not in self._refreshing:
-            task = asyncio.ensure_future(self._ask(model_id, wait_s))
+            task = detached(self._ask(model_id, wait_s))
             self._refreshing[model_id] = task
             task.add_done_callback(lambda t, m=model_id: self._refreshed(m, t))
 

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from serve_app.errors import Busy, Cancelled, ReplicaFailed
 from serve_app.imaging import encode_image
 from serve_app.inflight import DuplicateRequestId
+from serve_app.ingress.detached import detached
 from serve_app.messages import Generated, GenerationParams, Preview, Progress
 
 logger = logging.getLogger("ray.serve")
@@ -109,8 +110,9 @@ class Flow:
     def _close(self, request_id: str, report: dict | None, owner: str) -> None:
         """Close the request's InFlight record, in the background (the caller may be
         unwinding a cancellation), retried: a record left open holds its key's and its
-        model's admission slot until it goes stale."""
-        task = asyncio.ensure_future(self._close_retried(request_id, report, owner))
+        model's admission slot until it goes stale. Detached from the request: Serve
+        cancels a cancelled request's calls, and this one was, now and then (CI)."""
+        task = detached(self._close_retried(request_id, report, owner))
         self._closing.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._closing.discard)
 
