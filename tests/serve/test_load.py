@@ -71,7 +71,7 @@ def capacity(service, tmp_path_factory) -> float:
 def test_overload_at_10x_refuses_fast_and_draws_only_correct_images(service, capacity, tmp_path):
     # Requests still waiting 30 s after the end are left (and counted as unfinished).
     report = loadtest(service, tmp_path / "report", "--scenario", "overload", "--duration",
-                      "30", "--capacity", str(capacity), "--stop-timeout", "30")  # fmt: skip
+                      "60", "--capacity", str(capacity), "--stop-timeout", "30")  # fmt: skip
     overload = report["scenarios"]["overload"]
     seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
     assert overload["unexpected_5xx"] == 0, seen
