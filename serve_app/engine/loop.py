@@ -46,8 +46,8 @@ def generate(
     prepare: Callable[[], Sampling],
     params: GenerationParams,
     device: torch.device,
+    recorder: StageRecorder,
     cancel: CancelToken | None = None,
-    recorder: StageRecorder | None = None,
     progress: ProgressFn | None = None,
     progress_when_queued: bool = False,
     preview: Callable[[torch.Tensor], np.ndarray] | None = None,
@@ -59,9 +59,9 @@ def generate(
         prepare: builds the request's Sampling (runs after the queued-cancel check).
         params: what to draw.
         device: where the models run.
-        cancel: checked before every step and every image decode.
         recorder: receives the "denoise" and "decode" stages and each step's time (and
             whatever stages `prepare` records: the denoiser's "adapters").
+        cancel: checked before every step and every image decode.
         progress: told of each finished step and of the start of decoding.
         progress_when_queued: tell of a step once the next step's work is queued on the
             device instead of at the step boundary: the listener (a replica's event loop)
@@ -78,7 +78,6 @@ def generate(
         DoesNotFit: the device ran out of memory; nothing of the call stays allocated.
     """
     cancel = cancel or CancelToken()
-    recorder = recorder or StageRecorder(device)
     try:
         previews = (preview, on_preview) if preview and on_preview else None
         return _run(prepare, params, cancel, recorder, progress, progress_when_queued, previews)
