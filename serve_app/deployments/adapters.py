@@ -157,7 +157,7 @@ class Adapters:
             "loads": dict(self.loads),
             "hits": dict(self.hits),
             "mode": self.settings.mode,
-            "host_copy_bytes": getattr(self.engine.lora, "host_bytes", 0),
+            "host_copy_bytes": self.engine.lora.host_bytes if self.engine.lora is not None else 0,
             "slots": self.settings.slots,
             "max_rank": self.settings.max_rank,
         }

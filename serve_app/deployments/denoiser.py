@@ -90,7 +90,7 @@ class Denoiser(Replica):
             loaded - started,
             self.warmup_s,
         )
-        if host_bytes := getattr(engine.lora, "host_bytes", 0):
+        if engine.lora is not None and (host_bytes := engine.lora.host_bytes):
             logger.info(
                 "Denoiser %s merges adapters from a %.2f GiB host copy of the adapted weights",
                 self.model_id,

@@ -78,6 +78,8 @@ def locate(folder: Path | None, name: str) -> Path:
 class Target(Protocol):
     """Where a model's adapters are applied (LoraSlots or FusedLora)."""
 
+    host_bytes: int  # the host memory it keeps for them (FusedLora's original weights)
+
     def misfit(self, module: str, a_shape: tuple, b_shape: tuple) -> str | None:
         """Why an adapter's (lora_A, lora_B) for `module` cannot be applied, or None."""
 

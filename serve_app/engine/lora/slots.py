@@ -35,6 +35,8 @@ class LoraSlots:
         max_rank: the largest adapter rank accepted; smaller ones are zero-padded.
     """
 
+    host_bytes = 0  # no host copy: the weights are never changed
+
     def __init__(self, model: torch.nn.Module, targets: str, slots: int, max_rank: int):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
