@@ -23,6 +23,7 @@ weights' drift after undoing it).
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -181,8 +182,8 @@ class Families:
         out = {}
         for variant, loras in variants:
             e2e, steps = [], []
-            stages: dict[str, list[float]] = {"encode": [], "denoise": [], "decode": []}
-            stage_peaks = dict.fromkeys(stages, 0)
+            stages: dict[str, list[float]] = defaultdict(list)  # every stage recorded
+            stage_peaks: dict[str, int] = defaultdict(int)
             with CardMemory(self.device) as card:
                 for run in range(self.args.runs + 1):
                     recorder = StageRecorder(self.device)
@@ -195,8 +196,8 @@ class Families:
                         continue
                     steps += recorder.step_seconds
                     for name, rec in recorder.stages.items():
-                        stages.setdefault(name, []).append(rec.seconds)  # and "adapters"
-                        stage_peaks[name] = max(stage_peaks.get(name, 0), rec.vram_peak_bytes)
+                        stages[name].append(rec.seconds)
+                        stage_peaks[name] = max(stage_peaks[name], rec.vram_peak_bytes)
             out[variant] = {
                 "e2e": summary(e2e),
                 "stages": {k: summary(v) for k, v in stages.items()},

@@ -32,6 +32,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
@@ -270,8 +271,8 @@ class Bench:
                 0,
             )
             e2e, png, steps = [], [], []
-            stages: dict[str, list[float]] = {"encode": [], "denoise": [], "decode": []}
-            stage_peaks = dict.fromkeys(stages, 0)
+            stages: dict[str, list[float]] = defaultdict(list)  # every stage recorded
+            stage_peaks: dict[str, int] = defaultdict(int)
             for run in range(self.args.runs + 1):
                 # Every stage in the recorder: it resets the device's peak at each stage
                 # start, so the call's peak is the largest of the stages' peaks.
@@ -287,8 +288,8 @@ class Bench:
                     continue
                 steps += recorder.step_seconds
                 for name, rec in recorder.stages.items():
-                    stages.setdefault(name, []).append(rec.seconds)  # and "adapters"
-                    stage_peaks[name] = max(stage_peaks.get(name, 0), rec.vram_peak_bytes)
+                    stages[name].append(rec.seconds)
+                    stage_peaks[name] = max(stage_peaks[name], rec.vram_peak_bytes)
             step_s = statistics.median(steps)
             out[config["name"]] = {
                 "e2e": summary(e2e),
