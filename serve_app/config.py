@@ -65,6 +65,12 @@ class MemorySettings(BaseModel):
             (torch.cuda.set_per_process_memory_fraction, before the model loads); null
             for no cap. With a cap, the budget is the cap; without, the card's memory
             this replica holds plus what is free when it is ready.
+        cap_bytes: the same cap in bytes (the fraction is this over the card's total),
+            so that a profile made for a smaller card holds on a larger one; not with
+            `fraction`.
+        encoder_cap_bytes: cap the model's PromptEncoder replicas likewise; null for none.
+            The caps bound what PyTorch allocates, not a process's CUDA context (about
+            0.5 GiB each, on the card too).
         reserve_bytes: kept free out of the budget (allocator rounding, other processes).
         unhealthy_after_ooms: consecutive out-of-memory failures after which the
             replica's health check fails, so that Ray replaces it.
@@ -74,8 +80,16 @@ class MemorySettings(BaseModel):
 
     budget_bytes: int | None = Field(None, gt=0)
     fraction: float | None = Field(None, gt=0, le=1)
+    cap_bytes: int | None = Field(None, gt=0)
+    encoder_cap_bytes: int | None = Field(None, gt=0)
     reserve_bytes: int = Field(2**30, ge=0)
     unhealthy_after_ooms: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> "MemorySettings":
+        if self.fraction is not None and self.cap_bytes is not None:
+            raise ValueError("memory: set fraction or cap_bytes, not both")
+        return self
 
 
 class ModelSettings(BaseModel):
@@ -97,6 +111,11 @@ class ModelSettings(BaseModel):
         compile: torch.compile the denoiser's repeated blocks and the VAE decoder.
             "auto" (default): on CUDA only. Compiled once, with dynamic shapes, during
             the denoiser's warm-up; the README's performance section has what it buys.
+        compile_cache_dir: where compiled graphs are kept, so that a replica started
+            again (a restart, a scale-up on a node that compiled before, or any node
+            when the folder is shared) loads them instead of compiling; "auto":
+            `compile/` in the checkpoint cache ($T2I_CACHE, else ~/.cache/t2i); null:
+            torch's default, under /tmp.
         warmup_sizes: image sizes ("WxH") the denoiser runs once at start, with and
             without guidance (and adapters), so that no request pays compilation or
             first-call costs; the replica reports ready only after them. Empty, or on a
@@ -110,8 +129,9 @@ class ModelSettings(BaseModel):
             checkpoint's own `loras/` folder, if it has one; null: no adapters.
         lora: how adapters are served (see LoraSettings).
         options: the family's own settings, checked by the family when replicas start
-            (zimage: fuse_projections).
-        memory: the Denoiser's memory budget (see MemorySettings).
+            (zimage: precision, cuda_graphs, fuse_projections; sdxl: cuda_graphs).
+        memory: the replicas' memory caps and the Denoiser's budget (see
+            MemorySettings).
         requests_per_replica: requests the whole service takes in at once for this
             model per running Denoiser replica (one drawing, the rest waiting for it),
             counted over every ingress replica; past it: 429 with Retry-After. Keep it
@@ -126,6 +146,7 @@ class ModelSettings(BaseModel):
     dtype: str = "auto"
     attention_backend: str = "native"
     compile: bool | Literal["auto"] = "auto"
+    compile_cache_dir: str | None = "auto"
     warmup_sizes: list[str] = Field(default_factory=list)
     presets: dict[str, Preset] | None = Field(None, min_length=1)
     default_preset: str | None = None

@@ -41,6 +41,18 @@ def lora_folder(settings: ModelSettings, checkpoint: Path) -> Path | None:
     return folder
 
 
+def compile_cache_folder(settings: ModelSettings) -> Path | None:
+    """Where the model's compiled graphs are kept (`compile_cache_dir`; "auto": in the
+    checkpoint cache); None: torch's default."""
+    from serve_app.engine import checkpoint
+
+    if settings.compile_cache_dir is None:
+        return None
+    if settings.compile_cache_dir == "auto":
+        return checkpoint.cache_dir() / "compile"
+    return Path(settings.compile_cache_dir).expanduser()
+
+
 @serve.deployment
 class Denoiser(Replica):
     """One model's step loop and VAE; `num_gpus`, replicas and queue limits in
@@ -48,10 +60,12 @@ class Denoiser(Replica):
 
     def __init__(self, settings: ModelSettings):
         from serve_app.engine import LoraOptions, checkpoint, load_denoiser
+        from serve_app.engine.compiling import compile_cache_stats
 
         started = time.monotonic()
-        cap_memory(settings)
+        cap = cap_memory(settings)
         folder = lora_folder(settings, checkpoint.resolve(settings.model)[0])
+        compile_cache = compile_cache_folder(settings)
         lora = None
         if folder is not None:
             lora = LoraOptions(settings.lora.slots, settings.lora.max_rank, settings.lora.mode)
@@ -63,6 +77,7 @@ class Denoiser(Replica):
             settings.compile,
             settings.options,
             lora,
+            compile_cache,
         )
         super().__init__(engine, settings)
         self.adapters = Adapters(engine, folder, settings.lora, self.metrics, self.labels)
@@ -78,17 +93,20 @@ class Denoiser(Replica):
         smallest = engine.side_multiple * 16
         sizes = settings.parsed_warmup_sizes() if engine.device.type == "cuda" else []
         self.warmup_s = engine.warmup(sizes or [(smallest, smallest)])
+        # What the warm-up compiled and what it loaded from an earlier start's cache.
+        self.compile_cache = {"dir": compile_cache and str(compile_cache), **compile_cache_stats()}
         self.memory = ReplicaMemory.measure(
-            engine, settings.memory, self.weights_bytes, self.adapters.cache.nbytes
+            engine, settings.memory, self.weights_bytes, self.adapters.cache.nbytes, cap
         )
         self.ready_s = time.monotonic() - started
         logger.info(
-            "Denoiser %s ready in %.1f s on %s (load %.1f s, warm-up %s)",
+            "Denoiser %s ready in %.1f s on %s (load %.1f s, warm-up %s; compiled graphs: %s)",
             self.model_id,
             self.ready_s,
             engine.device,
             loaded - started,
             self.warmup_s,
+            self.compile_cache,
         )
         if engine.lora is not None and (host_bytes := engine.lora.host_bytes):
             logger.info(
@@ -257,6 +275,7 @@ class Denoiser(Replica):
             "loras": self.adapters.describe(),
             "ready_s": round(self.ready_s, 3),
             "warmup_s": self.warmup_s,
+            "compile_cache": self.compile_cache,
             "memory": {
                 "budget_bytes": self.memory.budget_bytes,
                 "resident_bytes": self.memory.idle_bytes + self.adapters.cache.nbytes,

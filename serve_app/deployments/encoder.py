@@ -7,6 +7,7 @@ import time
 from ray import serve
 
 from serve_app.config import ModelSettings
+from serve_app.deployments.memory import cap_memory
 from serve_app.deployments.replica import Replica
 from serve_app.errors import Cancelled, DoesNotFit
 from serve_app.messages import EncodedPrompt, GenerationParams
@@ -23,6 +24,7 @@ class PromptEncoder(Replica):
         from serve_app.engine import load_encoder  # torch is imported by model replicas only
 
         started = time.monotonic()
+        cap_memory(settings, encoder=True)
         # Not compiled: on an H200 that cut a 65-token Z-Image encode from 31 to 12 ms
         # (results/*-levers-2.json) but took 234 s of start-up (*-bench-0.json).
         super().__init__(load_encoder(settings.model, settings.device, settings.dtype), settings)

@@ -7,18 +7,34 @@ from dataclasses import dataclass
 from serve_app.config import MemorySettings, ModelSettings
 
 
-def cap_memory(settings: ModelSettings) -> None:
-    """Cap this process's share of its GPU at `memory.fraction`, before anything loads."""
-    if settings.memory.fraction is None:
-        return
+def cap_memory(settings: ModelSettings, encoder: bool = False) -> int | None:
+    """Cap this process's share of its GPU, before anything loads: a Denoiser's at
+    `memory.fraction` or `memory.cap_bytes`, a PromptEncoder's (`encoder`) at
+    `memory.encoder_cap_bytes`. Returns the cap in bytes; None for none, or on a CPU."""
+    memory = settings.memory
+    if encoder:
+        fraction, cap = None, memory.encoder_cap_bytes
+    else:
+        fraction, cap = memory.fraction, memory.cap_bytes
+    if fraction is None and cap is None:
+        return None
     from serve_app.engine import pick_device
 
     device = pick_device(settings.device)
-    if device.type == "cuda":
-        import torch
+    if device.type != "cuda":
+        return None
+    import torch
 
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(settings.memory.fraction, index)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = cap or int(total * fraction)
+    if cap > total:
+        raise ValueError(
+            f"model {settings.id!r}: a memory cap of {cap / 2**30:.1f} GiB is more than "
+            f"the card's {total / 2**30:.1f} GiB"
+        )
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    return cap
 
 
 @dataclass(frozen=True)
@@ -32,11 +48,17 @@ class ReplicaMemory:
 
     @classmethod
     def measure(
-        cls, engine, settings: MemorySettings, weights_bytes: int, adapter_bytes: int
+        cls,
+        engine,
+        settings: MemorySettings,
+        weights_bytes: int,
+        adapter_bytes: int,
+        cap_bytes: int | None,
     ) -> "ReplicaMemory":
         """After the warm-up: `weights_bytes` count on a CPU (where nothing else is),
         the allocator's figures on a GPU; `adapter_bytes` (cached adapters) are left out
-        of idle_bytes, since the cache grows and shrinks."""
+        of idle_bytes, since the cache grows and shrinks; `cap_bytes`: the process's
+        cap (see cap_memory), None for none."""
         device = engine.device
         if device.type != "cuda":
             return cls(weights_bytes - adapter_bytes, settings.budget_bytes)
@@ -52,8 +74,8 @@ class ReplicaMemory:
         pool = reserved - allocated if engine.graphs else 0
         budget = settings.budget_bytes
         if budget is None:
-            free, total = torch.cuda.mem_get_info(device)
-            # Its fraction of the card, or what it holds now and no other process does.
-            held = total * settings.fraction if settings.fraction is not None else reserved + free
+            free = torch.cuda.mem_get_info(device)[0]
+            # Its cap, or what it holds now and no other process does.
+            held = cap_bytes if cap_bytes is not None else reserved + free
             budget = int(held - settings.reserve_bytes)
         return cls(allocated - adapter_bytes + pool, budget)

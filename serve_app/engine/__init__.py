@@ -7,11 +7,13 @@ embeddings = encoder.encode_params(params)
 """
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from serve_app.engine import checkpoint
+from serve_app.engine.compiling import use_compile_cache
 from serve_app.engine.denoiser import LoraOptions
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -60,6 +62,7 @@ def load_denoiser(
     compile: bool | str = False,
     options: dict | None = None,
     lora: LoraOptions | None = None,
+    compile_cache: Path | None = None,
 ):
     """Load the denoiser (model + VAE + scheduler config) of `model`.
 
@@ -67,16 +70,21 @@ def load_denoiser(
         options: the family's own settings, checked against its `Options` (a misspelt
             key is an error).
         lora: how the model applies adapters, or None for a model that serves none.
+        compile_cache: where compiled graphs are kept between starts (see
+            compiling.use_compile_cache); None: torch's default, under /tmp.
     """
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
     module = family_module(family)
+    compiled = pick_compile(compile, dev)
+    if compiled and compile_cache is not None:
+        use_compile_cache(compile_cache)
     denoiser = module.Denoiser.from_pretrained(
         path,
         dev,
         pick_dtype(dtype, dev),
         attention_backend,
-        pick_compile(compile, dev),
+        compiled,
         module.Options.model_validate(options or {}),
         lora,
     )

@@ -1,4 +1,8 @@
-"""Process-wide torch.compile settings shared by the families' compiled regions."""
+"""Process-wide torch.compile settings shared by the families' compiled regions, and the
+persistent cache that lets a restarted replica skip compilation."""
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -22,3 +26,23 @@ def configure_dynamo() -> None:
     torch._dynamo.config.recompile_limit = max(
         torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
     )
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Keep this process's compilation caches in `folder`: inductor's compiled graphs,
+    AOTAutograd's, and Triton's kernels with their autotuning, all of which inductor
+    keeps under TORCHINDUCTOR_CACHE_DIR. A replica that starts again with the same
+    folder, torch and device loads what an earlier start compiled instead of compiling
+    it; Dynamo still traces each region (seconds, not minutes). Its default is a folder
+    under /tmp, which a new container or node does not have. Call before compiling."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
+def compile_cache_stats() -> dict[str, int]:
+    """This process's graphs inductor loaded from the cache and those it compiled, so
+    far (a warm start loads every graph its warm-up needs)."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return {"loaded": inductor["fxgraph_cache_hit"], "compiled": inductor["fxgraph_cache_miss"]}

@@ -228,6 +228,10 @@ class Denoiser:
         if self.lora is not None:
             self.lora.activate([])
         self._preview_map = self.fit_preview()  # here, not on a request's critical path
+        if self.device.type == "cuda":
+            # What the warm-up's largest sizes and compilation left cached, given back to
+            # the card: requests grow the cache again to what they need, no more.
+            torch.cuda.empty_cache()
         return took
 
     def warmup_calls(self, width: int, height: int) -> list[tuple[GenerationParams, dict]]:
