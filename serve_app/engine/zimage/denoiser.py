@@ -3,6 +3,7 @@
 pixels; tests/engine/zimage/test_equivalence.py holds it to that."""
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -14,8 +15,9 @@ from pydantic import BaseModel, ConfigDict
 
 from serve_app.engine.denoiser import Denoiser, LoraOptions
 from serve_app.engine.lora import LoraFamily
+from serve_app.engine.precision import quantize_fp8
 from serve_app.engine.zimage.encoder import uses_guidance
-from serve_app.engine.zimage.transformer import forward, prepare_transformer
+from serve_app.engine.zimage.transformer import forward, invariants, prepare_transformer
 from serve_app.messages import GenerationParams
 
 # Named settings a request can start from; its own fields override them.
@@ -33,12 +35,30 @@ LORA = LoraFamily(
         r"(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123]|adaLN_modulation\.0)"
     ),
 )
+# What `precision: fp8` runs in float8: the linear layers of the 30 main blocks' attention
+# and feed-forward, nearly all of a step's FLOPs. The embedders, the caption and noise
+# refiners, every block's modulation (adaLN) and the final layer stay in the model's
+# dtype: they are small, and the step's output is most sensitive to them.
+FP8_TARGETS = r"layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])"
+# Padded caption lengths (Z-Image pads captions to multiples of 32) whose steps the
+# warm-up captures in CUDA graphs, at each warm-up size: prompts up to 128 tokens after
+# the chat template (about 100 words). Longer prompts run the compiled step unreplayed.
+GRAPH_CAPTION_TOKENS = (32, 64, 96, 128)
 
 
 class Options(BaseModel):
     """Z-Image settings (a model's `options` in deploy/*.yaml).
 
     Args:
+        precision: "default" (the model's dtype) or "fp8": the main blocks' linear
+            layers (FP8_TARGETS) in float8 with rowwise scales, activations quantised
+            as they come (torchao, `pip install '.[fp8]'`; NVIDIA compute capability
+            8.9 or newer). Half the transformer's weight memory and faster steps, at a
+            numeric cost the README's performance section reports; never the default.
+            Not with LoRA adapters (they merge into the weights).
+        cuda_graphs: replay a step without guidance from a CUDA graph, one per
+            warm-up size and padded caption length (GRAPH_CAPTION_TOKENS), captured
+            during the warm-up; other steps run as called. On CUDA only.
         fuse_projections: one GEMM for each attention's q, k, v projections and one for
             each feed-forward's w1, w3; same math, same weight memory. Measured no faster
             (*levers-3*); not with LoRA, whose adapters sit on the separate layers.
@@ -46,6 +66,8 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    precision: Literal["default", "fp8"] = "default"
+    cuda_graphs: bool = True
     fuse_projections: bool = False
 
 
@@ -87,16 +109,26 @@ class ZImageDenoiser(Denoiser):
         options = options or Options()
         if options.fuse_projections and lora is not None:
             raise ValueError("fuse_projections and LoRA adapters exclude each other")
+        fp8 = options.precision == "fp8"
+        if fp8 and (lora is not None or options.fuse_projections):
+            raise ValueError(
+                "precision fp8 excludes LoRA adapters (they merge into the weights, which "
+                "are float8) and fuse_projections: set lora_dir: null for this model"
+            )
         transformer = ZImageTransformer2DModel.from_pretrained(
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
         prepare_transformer(transformer, attention_backend, options.fuse_projections)
+        if fp8:  # on the device, before compiling: the float8 layers compile as they run
+            quantize_fp8(transformer.to(device), FP8_TARGETS, device)
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )
         slots = cls.attach(transformer, vae, LORA.targets, compile, lora)
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
-        return cls(transformer, vae, scheduler_config, device, slots)
+        den = cls(transformer, vae, scheduler_config, device, slots)
+        den.use_graphs(options.cuda_graphs)
+        return den
 
     @property
     def side_multiple(self) -> int:
@@ -124,6 +156,8 @@ class ZImageDenoiser(Denoiser):
             (1.0, 40, 40),
             (1.0, 40, 8),
         ]
+        if self.graphs is not None:  # a graph per padded caption length (40 is 64's)
+            paths += [(0.0, n - 8, None) for n in GRAPH_CAPTION_TOKENS if n != 64]
         calls = []
         for guidance, n_prompt, n_negative in paths:
             embeddings = {"prompt": tokens(n_prompt)}
@@ -150,19 +184,27 @@ class ZImageDenoiser(Denoiser):
         if guided:
             model_input = model_input.repeat(2, 1, 1, 1)
             timestep = timestep.repeat(2)
-        out = forward(
-            self.transformer,
-            list(model_input.unsqueeze(2).unbind(dim=0)),
-            timestep,
-            cap_feats,
-            cache,
-        )
+        if not cache:
+            cache.update(invariants(self.transformer, list(model_input.unsqueeze(2)), cap_feats))
+        # The cache's tensors are inputs of a graph (copied in at each replay); its other
+        # entries are lengths, the same for every request of these shapes and lengths.
+        tensors = {k: v for k, v in cache.items() if isinstance(v, torch.Tensor)}
+
+        def transformer(model_input, timestep, *values):
+            images = list(model_input.unsqueeze(2).unbind(dim=0))
+            step_cache = {**cache, **dict(zip(tensors, values, strict=True))}
+            return torch.stack(forward(self.transformer, images, timestep, cap_feats, step_cache))
+
+        if guided:  # batch 2: not graphed, which keeps the graphs' pool to batch 1's size
+            out = transformer(model_input, timestep, *tensors.values())
+        else:
+            key = f"transformer:{cache['cap_seqlens']}"
+            out = self.graphed(key, transformer, model_input, timestep, *tensors.values())
         if guided:
-            pos = torch.stack([o.float() for o in out[:n]])
-            neg = torch.stack([o.float() for o in out[n:]])
+            pos, neg = out[:n].float(), out[n:].float()
             noise_pred = pos + params.guidance_scale * (pos - neg)
         else:
-            noise_pred = torch.stack([o.float() for o in out])
+            noise_pred = out.float()
         # The model predicts the negated velocity; Euler step x += (sigma_next - sigma) * v.
         noise_pred = -noise_pred.squeeze(2)
         return latents + (sigmas[i + 1] - sigmas[i]) * noise_pred

@@ -148,7 +148,7 @@ def forward(tr, x: list, t: torch.Tensor, cap_feats: list, cache: dict) -> list:
     Same math:
     tests/engine/test_equivalence.py holds the pixels to the stock pipeline's."""
     if not cache:
-        cache.update(_invariants(tr, x, cap_feats))
+        cache.update(invariants(tr, x, cap_feats))
     adaln = tr.t_embedder(t * tr.t_scale).type_as(x[0])
     patches = []
     for image in x:
@@ -173,7 +173,7 @@ def forward(tr, x: list, t: torch.Tensor, cap_feats: list, cache: dict) -> list:
     return tr.unpatchify(list(unified.unbind(dim=0)), cache["sizes"], PATCH, F_PATCH)
 
 
-def _invariants(tr, x: list, cap_feats: list) -> dict:
+def invariants(tr, x: list, cap_feats: list) -> dict:
     """The part of the transformer's forward that is the same at every step of a
     request, as the stock forward computes it (patchify_and_embed, _prepare_sequence,
     the caption refiner, _build_unified_sequence)."""

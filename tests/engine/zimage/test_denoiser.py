@@ -1,8 +1,10 @@
 """Z-Image's denoiser: its warm-up, compilation and fused projections."""
 
 import numpy as np
+import pytest
 import torch
 
+from serve_app.engine.graphs import CudaGraphs
 from serve_app.messages import GenerationParams
 
 P = GenerationParams("a cat on a windowsill", None, 256, 256, 6, 0.0, 11)
@@ -71,3 +73,74 @@ def test_fused_projections_draw_the_same_image_with_the_same_weight_memory(
     emb = encoder.encode_params(p)
     [ours], [theirs] = fused.generate(p, emb), denoiser.generate(p, emb)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+class Replays(CudaGraphs):
+    """CudaGraphs' contract on a CPU: a capture keeps the call and copies of its inputs;
+    a replay copies the new inputs into those copies and runs the captured call on them.
+    As with a CUDA graph, whatever the captured call reads besides its inputs is what
+    the capturing call (the warm-up's) saw, so a step that leaks request state past its
+    inputs draws another image."""
+
+    def capture(self, key, fn, *inputs):
+        self._graphs[key] = (fn, [x.clone() for x in inputs], None)
+
+    def replay(self, key, *inputs):
+        fn, static, _ = self._graphs[key]
+        for into, x in zip(static, inputs, strict=True):
+            into.copy_(x)
+        self.replays += 1
+        return fn(*static)
+
+
+def test_graphed_steps_draw_what_unreplayed_steps_draw(tiny_path, encoder):
+    """Steps without guidance replay the warm-up's captures for their padded caption
+    length; prompts and seeds other than the warm-up's draw what they draw without."""
+    from serve_app.engine.zimage import ZImageDenoiser
+    from serve_app.engine.zimage.denoiser import GRAPH_CAPTION_TOKENS
+
+    den = ZImageDenoiser.from_pretrained(tiny_path, torch.device("cpu"), torch.float32)
+    assert den.graphs is None  # cuda_graphs is on, but there are no graphs on a CPU
+    den.graphs = Replays(den.device)
+    den.warmup([(256, 256)])
+    captured = {key[0] for key in den.graphs._graphs}
+    assert captured == {f"transformer:[{n}]" for n in GRAPH_CAPTION_TOKENS}
+    for prompt, seed in (("a red fox in the snow", 3), ("a lighthouse " * 12, 8)):
+        p = GenerationParams(prompt, None, 256, 256, 3, 0.0, seed)
+        emb = encoder.encode_params(p)
+        before = den.graphs.replays
+        graphed = den.generate(p, emb)[0]
+        assert den.graphs.replays - before == 3, "every step replayed"
+        graphs, den.graphs = den.graphs, None
+        assert np.array_equal(graphed, den.generate(p, emb)[0])
+        den.graphs = graphs
+
+
+def test_fp8_is_refused_where_it_cannot_run(tiny_path):
+    from serve_app.engine import LoraOptions
+    from serve_app.engine.zimage import Options, ZImageDenoiser
+
+    fp8 = Options(precision="fp8")
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer.*runs on cpu"):
+        ZImageDenoiser.from_pretrained(tiny_path, torch.device("cpu"), torch.float32, options=fp8)
+    with pytest.raises(ValueError, match="precision fp8 excludes LoRA adapters"):
+        ZImageDenoiser.from_pretrained(
+            tiny_path, torch.device("cpu"), torch.float32, options=fp8, lora=LoraOptions()
+        )
+
+
+def test_fp8_targets_the_main_blocks_linear_layers_only(denoiser):
+    """Embedders, refiners, modulation and the final layer stay in the model's dtype."""
+    import re
+
+    from serve_app.engine.zimage.denoiser import FP8_TARGETS
+
+    linears = [n for n, m in denoiser.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    chosen = [n for n in linears if re.fullmatch(FP8_TARGETS, n)]
+    layers = denoiser.transformer.config.n_layers
+    assert len(chosen) == 7 * layers  # q, k, v, out; w1, w2, w3 of each main block
+    assert all(n.startswith("layers.") for n in chosen)
+    kept = set(linears) - set(chosen)
+    assert any("adaLN_modulation" in n for n in kept)
+    assert any(n.startswith(("noise_refiner", "context_refiner")) for n in kept)
+    assert any("final_layer" in n for n in kept) and any("embedder" in n for n in kept)
