@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= deploy/serve_config.yaml
 
-.PHONY: install serve test prometheus browser nginx report lint format bench loadtest train-demo clean
+.PHONY: install serve test prometheus browser nginx report lint format bench bench-multi-gpu \
+  loadtest train-demo clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -46,6 +47,13 @@ report: install
 # size sweep of our engine, in one run; results to load_tests/results.
 bench: install
 	$(BIN)/python -m load_tests.bench_gpu $(BENCH_ARGS)
+
+# On a machine of several GPUs: deploy/serve_config.multi_gpu.yaml laid out for them, images/s
+# with one Denoiser and with one per card (load_tests/bench_multi_gpu.py); results to
+# load_tests/results/<gpu>-x<N>-<date>-multi-gpu.*. One model a call, the second appended:
+#   make bench-multi-gpu BENCH_ARGS='--models sdxl --append'
+bench-multi-gpu: install
+	$(BIN)/python -m load_tests.bench_multi_gpu $(BENCH_ARGS)
 
 # A short CPU run of the load tests against the embedded default, started here: capacity,
 # then steady, burst, overload and a disconnect storm, ~2 min; reports to

@@ -27,8 +27,10 @@ On a CPU, --gpus declares logical GPUs to Ray and the tiny models run on the CPU
 
 import argparse
 import asyncio
+import concurrent.futures
 import datetime
 import json
+import multiprocessing
 import shutil
 import statistics
 import subprocess
@@ -368,38 +370,34 @@ class MultiGpuBench:
         """The model's settings changed for the bench: a random full-size checkpoint (or
         the tiny one), its adapter folder, the one size measured warmed up, and room for
         every client of the highest level at one Denoiser replica (the baseline)."""
+        from load_tests.checkpoints import save_full_sdxl, save_full_zimage
+        from serve_app.engine import checkpoint
+
         settings = {
             "id": model,
+            # Both presets draw 1024x1024; the file warms up more sizes, each a compile.
             "warmup_sizes": [self.request(model).get("size", "1024x1024")],
             "requests_per_replica": max(self.levels),
             "lora_dir": None,
         }
-        if model == "zimage":
-            if self.args.tiny:
-                settings["model"] = "tiny"
-            else:
-                from load_tests.checkpoints import save_full_zimage
-
-                settings["model"] = str(save_full_zimage(self.args.checkpoint, device="cuda"))
-        elif model == "sdxl":
+        if self.args.tiny:
+            path = checkpoint.resolve({"zimage": "tiny", "sdxl": "tiny-sdxl"}[model])[0]
+        elif model == "zimage":
+            path = in_child(save_full_zimage, self.args.checkpoint, "cuda")
+        else:
+            path = in_child(save_full_sdxl, self.args.sdxl_checkpoint, "cuda")
+        settings["model"] = str(path)
+        if model == "sdxl":
             from load_tests.bench_families import Families
 
-            # Families reads these of the GPU bench it serves; the two calls here use
-            # `tiny` and the checkpoint's path alone.
-            shim = SimpleNamespace(
-                args=SimpleNamespace(
-                    tiny=self.args.tiny, sdxl_checkpoint=self.args.sdxl_checkpoint
-                ),
-                device=None,
-                timer=None,
-                log=self.log,
-                result={},
-            )
-            families = Families(shim)
-            path = families.sdxl_checkpoint()
-            # niannian.safetensors, which the niannian preset applies at 0.85.
-            families.sdxl_adapters(path, workdir / "loras")
-            settings.update(model=str(path), lora_dir=str(workdir / "loras"))
+            # niannian.safetensors, which the niannian preset applies at 0.85. Of the
+            # GPU bench it serves, Families reads these; sdxl_adapters uses `tiny` alone.
+            bench = SimpleNamespace(
+                args=SimpleNamespace(tiny=self.args.tiny), device=None, timer=None,
+                log=self.log, result={},
+            )  # fmt: skip
+            Families(bench).sdxl_adapters(path, workdir / "loras")
+            settings["lora_dir"] = str(workdir / "loras")
         return settings
 
     def request(self, model: str) -> dict:
@@ -447,14 +445,14 @@ class MultiGpuBench:
                 args={"api_keys": None},  # the file's keys are a mounted secret
             ) as svc:
                 one = self.baseline_levels if denoisers > 1 else self.levels
-                out["phases"]["1"] = self.measure_phase(svc, model, (encoders, 1), one, svc.ready_s)
+                out["phases"]["1"] = self.measure_phase(svc, model, encoders, 1, one, svc.ready_s)
                 self.save()
                 if denoisers > 1:
                     start = time.monotonic()
                     scaled = pin_denoiser(svc.config, model, denoisers)
                     self.redeploy(scaled, model, denoisers, workdir)
                     out["phases"][str(denoisers)] = self.measure_phase(
-                        svc, model, (encoders, denoisers), self.levels, time.monotonic() - start
+                        svc, model, encoders, denoisers, self.levels, time.monotonic() - start
                     )
         first = saturated(out["phases"]["1"]["levels"])
         last = saturated(out["phases"][str(denoisers)]["levels"])
@@ -504,18 +502,18 @@ class MultiGpuBench:
             time.sleep(1)
 
     def measure_phase(
-        self, svc, model: str, replicas: tuple[int, int], levels: list[int], ready_s: float
+        self, svc, model: str, encoders: int, replicas: int, levels: list[int], ready_s: float
     ) -> dict:
         """Where the replicas are, a warm-up round, then each level.
 
         Args:
             svc: the running service (load_tests.local_service.LocalService).
             model: the model id.
-            replicas: (PromptEncoder, Denoiser) replicas running.
+            encoders: its PromptEncoder replicas.
+            replicas: its Denoiser replicas running.
             levels: the concurrency levels.
             ready_s: how long the service, or the Denoisers' scaling, took to be ready.
         """
-        encoders, replicas = replicas
         placement = {
             f"PromptEncoder-{model}": described(svc.handle("PromptEncoder", model), encoders),
             f"Denoiser-{model}": described(svc.handle("Denoiser", model), replicas),
@@ -570,6 +568,14 @@ class MultiGpuBench:
             self.result["scaling_efficiency_model"] = model
         stem = self.save()
         self.log("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"))
+
+
+def in_child(fn, *args):
+    """fn(*args) in a child process: a checkpoint built on the GPU leaves no CUDA
+    context of this process on card 0, whose memory the bench reports."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def described(handle, expect: int, timeout_s: float = 120) -> list[dict]:

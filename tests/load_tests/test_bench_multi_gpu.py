@@ -3,6 +3,7 @@ numbers, and a smoke run of the whole harness on the CPU with the tiny models an
 logical GPUs. The smoke run checks what the harness writes, never how fast anything is."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from load_tests.bench_multi_gpu import (
     card_summary,
     encoder_limit,
+    in_child,
     parse_smi,
     percentiles,
     placement_problems,
@@ -60,6 +62,11 @@ def test_encoder_limit():
     assert e["requests_per_s_at_full_card"] == 100.0  # 7 requests/s at 7% busy
     assert encoder_limit(10.0, 2, 0.5, 7.0, None)["requests_per_s_card_alone"] == 200.0
     assert encoder_limit(10.0, 1, 0.5, 7.0, None)["requests_per_s_at_full_card"] is None
+
+
+def test_checkpoints_are_written_in_another_process():
+    # So that this process never holds a CUDA context on card 0 (the encoders' card).
+    assert in_child(os.getpid) != os.getpid()
 
 
 def test_percentiles():
