@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from load_tests.measure import (
+    CardMemory,
     ForwardTimes,
     Timer,
     device_facts,
@@ -68,7 +69,10 @@ CONFIGS = [
 CONCURRENCY = (1, 4, 16)
 # Phases on the Z-Image checkpoint; `sdxl` and `lora` (load_tests/bench_families.py)
 # bring their own models.
-ZIMAGE_PHASES = ("levers", "stock", "engine", "sweep", "service")
+ZIMAGE_PHASES = (
+    "levers", "reference", "stock", "engine", "sweep", "service", "fp8_eager", "fp8",
+    "profile_24gb",
+)  # fmt: skip
 
 
 class Bench:
@@ -86,6 +90,13 @@ class Bench:
         self.started = time.monotonic()
         self.result: dict = {"configs": self.configs, "runs": args.runs}
         self.loaded = None  # (encoder, denoiser) of the engine phase, kept for the sweep
+        # Each path's image of seed 0 by config name (and the engine's final latents),
+        # for the equivalence checks (load_tests/bench_precision.py).
+        self.images: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        self.latents: dict[str, torch.Tensor] = {}
+        # Compiled graphs of this run: empty at first unless --compile-cache names an
+        # earlier run's, so the engine phase compiles cold and the service starts warm.
+        self.compile_cache = args.compile_cache or Path(tempfile.mkdtemp(prefix="compile-"))
 
     # --- bookkeeping ----------------------------------------------------------------
 
@@ -99,6 +110,9 @@ class Bench:
         return self.args.out / f"{gpu}-{day}{self.args.tag}"
 
     def save(self) -> Path:
+        from load_tests.bench_precision import equivalence
+
+        self.result["equivalence"] = equivalence(self.images, self.latents, self.result)
         stem = self.stem()
         stem.with_suffix(".json").write_text(json.dumps(self.result, indent=2))
         stem.with_suffix(".md").write_text(markdown(self.result))
@@ -170,6 +184,7 @@ class Bench:
                 self.device,
                 before=lambda into=before_decode: into.append(peak_bytes(self.device)),
             )
+            card = CardMemory(self.device).__enter__()
             for run in range(self.args.runs + 1):
                 forwards = ForwardTimes(pipe.transformer, self.device)
                 peak_reset(self.device)
@@ -188,9 +203,11 @@ class Bench:
                 steps += forwards.seconds() if run else []
                 denoise.append(forwards.span())
                 forwards.remove()
-                if run == 0:  # warm-up
+                if run == 0:  # warm-up, seed 0
                     for kept in (e2e, encode, decode, denoise, peaks, before_decode):
                         kept.clear()
+                    self.images["stock"][config["name"]] = np.asarray(image)
+            card.__exit__()
             undo_enc(), undo_dec()
             step_s = statistics.median(steps)
             out[config["name"]] = {
@@ -203,6 +220,7 @@ class Bench:
                 **self.step_efficiency(config, step_s, cap_tokens, pipe.transformer.config),
                 "peak_vram_bytes": max(peaks),
                 "peak_vram_bytes_before_decode": max(before_decode),
+                "card_peak_mib": card.peak_mib,
                 "image_size": list(image.size),
             }
             self.log("stock", config["name"], out[config["name"]]["e2e"], "step", step_s)
@@ -213,8 +231,9 @@ class Bench:
 
     # --- (b) our engine ---------------------------------------------------------------
 
-    def load_engine(self, path: Path) -> tuple:
-        """Our encoder and denoiser, loaded as the replicas load them."""
+    def load_engine(self, path: Path, **options) -> tuple:
+        """Our encoder and denoiser, loaded as the replicas load them (compiled graphs
+        kept in this run's compile cache); `options`: Z-Image's, beyond --fuse."""
         from serve_app.engine import load_denoiser, load_encoder
 
         device = str(self.device)
@@ -225,11 +244,24 @@ class Bench:
             "auto",
             self.args.attention,
             self.args.compile,
-            {"fuse_projections": self.args.fuse},
+            {"fuse_projections": self.args.fuse, "cuda_graphs": self.args.graphs, **options},
+            compile_cache=self.compile_cache,
         )
         return encoder, denoiser
 
+    @staticmethod
+    def keep_latents(denoiser, into: dict, name: str) -> None:
+        """Keep the final latents `denoiser` hands its VAE, as `into[name]`."""
+        to_vae = denoiser.to_vae
+
+        def kept(latents):
+            into[name] = latents.detach().float().cpu()
+            return to_vae(latents)
+
+        denoiser.to_vae = kept
+
     def engine(self, path: Path) -> None:
+        from serve_app.engine.compiling import compile_cache_stats
         from serve_app.engine.stages import StageRecorder
         from serve_app.imaging import encode_image
         from serve_app.messages import GenerationParams
@@ -243,10 +275,18 @@ class Bench:
         self.result["engine_setup"] = {
             "load_s": round(loaded, 1),
             "warmup_s": warmup,
+            # From the call to load to ready: what a replica's start costs on this run's
+            # compile cache (cold unless --compile-cache named a filled one).
+            "ready_s": round(time.perf_counter() - start, 1),
+            "compile_cache": {"dir": str(self.compile_cache), **compile_cache_stats()},
             "encoder_warmup_s": encoder_warmup,
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
             "fuse_projections": self.args.fuse,
+            "cuda_graphs": len(denoiser.graphs) if denoiser.graphs is not None else None,
+            "reserved_after_warmup_bytes": (
+                torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+            ),
         }
         self.log("engine setup", self.result["engine_setup"])
         cap_tokens = len(encoder.token_ids(PROMPT))
@@ -273,6 +313,7 @@ class Bench:
             e2e, png, steps = [], [], []
             stages: dict[str, list[float]] = defaultdict(list)  # every stage recorded
             stage_peaks: dict[str, int] = defaultdict(int)
+            self.keep_latents(denoiser, self.latents, config["name"])
             for run in range(self.args.runs + 1):
                 # Every stage in the recorder: it resets the device's peak at each stage
                 # start, so the call's peak is the largest of the stages' peaks.
@@ -281,6 +322,7 @@ class Bench:
                     with recorder.stage("encode"):
                         emb = encoder.encode_params(params)
                     pixels = denoiser.generate(params, emb, recorder=recorder)[0]
+                self.images["engine"][config["name"]] = pixels
                 with self.timer(png):
                     encode_image(pixels, "png", None)
                 if run == 0:  # warm-up
@@ -300,9 +342,37 @@ class Bench:
                 "stage_vram_peak_bytes": stage_peaks,
             }
             self.log("engine", config["name"], out[config["name"]]["e2e"], "step", step_s)
+            del denoiser.to_vae  # the class's again
         self.result["engine"] = out
         self.result["engine_cap_tokens"] = cap_tokens
+        if denoiser.graphs is not None:
+            self.result["engine_graphs"] = self.graphs_check(encoder, denoiser, self.configs[0])
         self.loaded = (encoder, denoiser)  # for the sweep: no second load and compilation
+
+    def graphs_check(self, encoder, denoiser, config: dict) -> dict:
+        """The same request with the step's CUDA graphs and without (the compiled calls
+        they captured, launched one by one): step times, and the largest pixel
+        difference (none expected: the same kernels)."""
+        from serve_app.engine.stages import StageRecorder
+        from serve_app.messages import GenerationParams
+
+        params = GenerationParams(
+            PROMPT, None, config["width"], config["height"], config["steps"], 0.0, 0
+        )
+        emb = encoder.encode_params(params)
+        out, images, graphs = {}, {}, denoiser.graphs
+        for name, using in (("graphs", graphs), ("no_graphs", None)):
+            denoiser.graphs, steps = using, []
+            for run in range(self.args.runs + 1):
+                recorder = StageRecorder(self.device)
+                images[name] = denoiser.generate(params, emb, recorder=recorder)[0]
+                steps += recorder.step_seconds if run else []
+            out[f"step_ms_{name}"] = round(statistics.median(steps) * 1000, 2)
+        denoiser.graphs = graphs
+        diff = np.abs(images["graphs"].astype(int) - images["no_graphs"].astype(int))
+        out.update(captured=len(graphs), replays=graphs.replays, max_abs_pixel_diff=int(diff.max()))
+        self.log("engine graphs", out)
+        return out
 
     # --- (c) the service over HTTP ----------------------------------------------------
 
@@ -316,11 +386,16 @@ class Bench:
             "model": str(path),
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
-            "options": {"fuse_projections": self.args.fuse},
+            "options": {"fuse_projections": self.args.fuse, "cuda_graphs": self.args.graphs},
+            # The engine phase's cache: a replica started on a host that compiled before.
+            "compile_cache_dir": str(self.compile_cache),
             "warmup_sizes": sizes,
             # The throughput and disconnect sweeps send up to 16 at once: all taken in.
             "requests_per_replica": 64,
         }
+        # This process's own share of the card (its CUDA context, idle while the service
+        # runs): the service's whole-card memory is a reading less this.
+        self.result["service_card_baseline_mib"] = CardMemory(self.device).read()
         with (
             tempfile.TemporaryDirectory() as tmp,
             local_service(Path(tmp), [model], num_gpus=1, ready_timeout_s=900) as svc,
@@ -361,7 +436,11 @@ class Bench:
                     took = time.perf_counter() - start  # the encoded image is here
                     r.raise_for_status()
                     data = r.json()
-                    assert base64.b64decode(data["data"][0]["b64_json"]).startswith(b"\x89PNG")
+                    png = base64.b64decode(data["data"][0]["b64_json"])
+                    assert png.startswith(b"\x89PNG")
+                    if run == 0:  # seed 0, as the other paths' kept images
+                        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+                        self.images["service"][config["name"]] = image
                     if run:
                         e2e.append(took)
                         timings.append(data["timings"])
@@ -383,8 +462,11 @@ class Bench:
         self.result["service"] = out
 
     def service_throughput(self, svc) -> None:
-        self.result["throughput"] = self.throughput(svc.url, self.configs[0])
-        self.log("throughput", self.result["throughput"])
+        """Images/s at 1, 4 and 16 clients, and the whole card's memory meanwhile."""
+        with CardMemory(self.device) as card:
+            self.result["throughput"] = self.throughput(svc.url, self.configs[0])
+        self.result["service_card_peak_mib"] = card.peak_mib
+        self.log("throughput", self.result["throughput"], "card peak MiB", card.peak_mib)
 
     def service_vram_table(self, svc) -> None:
         """Per-stage VRAM peaks at each size: from the JSON answer and, for the same
@@ -798,6 +880,26 @@ class Bench:
 
         Families(self).lora()
 
+    def reference(self, path: Path) -> None:
+        from load_tests.bench_precision import Precision
+
+        Precision(self).reference(path)
+
+    def fp8_eager(self, path: Path) -> None:
+        from load_tests.bench_precision import Precision
+
+        Precision(self).fp8_eager(path)
+
+    def fp8(self, path: Path) -> None:
+        from load_tests.bench_precision import Precision
+
+        Precision(self).fp8(path)
+
+    def profile_24gb(self, path: Path) -> None:
+        from load_tests.bench_precision import Precision
+
+        Precision(self).profile_24gb(path)
+
     def run(self) -> None:
         self.env()
         path = None  # the Z-Image checkpoint, written when a phase needs it
@@ -808,7 +910,18 @@ class Bench:
             if path is None and phase in ZIMAGE_PHASES:
                 path = self.checkpoint()
                 self.log("checkpoint", path)
-            getattr(self, phase)(path)
+            try:
+                getattr(self, phase)(path)
+            except Exception as exc:  # noqa: BLE001 - the next phases still run
+                if not self.args.keep_going:
+                    raise
+                self.result.setdefault("failed_phases", {})[phase] = repr(exc)[-2000:]
+                self.log("phase", phase, "failed:", repr(exc)[-2000:])
+                if phase == "engine" and self.args.graphs:  # the service would fail alike
+                    self.args.graphs = False
+                    self.log("the next phases run without CUDA graphs")
+                self.loaded = None
+                self.free()
             self.save()  # what a later phase's crash would lose
         self.result["ratios"] = ratios(self.result)
         stem = self.save()
@@ -919,8 +1032,10 @@ def markdown(result: dict) -> str:
                 f"| {gib(r['peak_vram_bytes'])} |"
             )
     from load_tests.bench_families import markdown as families_markdown
+    from load_tests.bench_precision import markdown as precision_markdown
 
     lines += families_markdown(result)
+    lines += precision_markdown(result)
     return "\n".join(lines) + "\n"
 
 
@@ -939,7 +1054,25 @@ def main() -> None:
         "--phases",
         nargs="+",
         default=["stock", "engine", "sweep", "service", "sdxl", "lora"],
-        help="of: levers stock engine service sweep (Z-Image), sdxl, lora (bench_families)",
+        help="of: levers stock engine service sweep (Z-Image), sdxl, lora (bench_families), "
+        "reference fp8_eager fp8 profile_24gb (bench_precision)",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="compiled graphs of an earlier run (default: a new, empty folder)",
+    )
+    parser.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Z-Image's CUDA graphs (options.cuda_graphs; default: on, as served)",
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="record a failed phase and run the next ones (a GPU run's time is scarce)",
     )
     parser.add_argument("--sdxl-checkpoint", type=Path, default=Path("/tmp/sdxl-full-random"))
     parser.add_argument(

@@ -15,9 +15,10 @@ pytestmark = pytest.mark.serve  # its service phase starts a real Ray Serve appl
 def test_harness_smoke_run(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "load_tests.bench_gpu", "--tiny", "--device", "cpu",
-         "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "stock", "engine",
-         "sweep", "service", "sdxl", "lora", "--service-parts", "configs", "throughput",
-         "vram_table", "cancellations", "--disconnects", "4"],
+         "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "reference", "stock",
+         "engine", "sweep", "service", "fp8_eager", "profile_24gb", "sdxl", "lora",
+         "--service-parts", "configs", "throughput", "vram_table", "cancellations",
+         "--disconnects", "4", "--keep-going"],
         cwd=ROOT,
         check=True,
         timeout=600,
@@ -44,6 +45,18 @@ def test_harness_smoke_run(tmp_path):
     assert result["cancellations"]["disconnects"] == 4
     assert result["cancellations"]["request_after_status"] == 200
     assert len(result["sweep"]) == 2 * 2 * 2  # sizes x guidance x steps
+    # float8 cannot run on a CPU: refused, recorded, and the next phases ran.
+    assert list(result["failed_phases"]) == ["fp8_eager"]
+    assert "compute capability" in result["failed_phases"]["fp8_eager"]
+    # Every path's image of seed 0 against stock's (float32 on a CPU: the same math).
+    equivalence = result["equivalence"]
+    for path in ("engine", "service", "profile_24gb"):
+        row = equivalence[path]["1024-turbo"]
+        assert row["vs_stock_bf16"]["max_abs"] <= 1, (path, row)
+    assert equivalence["service"]["1024-turbo"]["within_tolerance"] is True
+    profile = result["profile_24gb"]
+    assert profile["concurrent"]["statuses"] == {"200": profile["concurrent"]["requests"]}
+    assert profile["denoiser"]["compile_cache"]["dir"]
     sdxl = result["sdxl"]
     for path in ("stock", "engine", "service"):
         for variant in ("base", "niannian"):

@@ -1,0 +1,359 @@
+"""Numbers behind the served image and float8, for `make bench` (load_tests/bench_gpu.py):
+the `reference`, `fp8_eager`, `fp8` and `profile_24gb` phases, and the equivalence of
+every path's image with stock diffusers'.
+
+reference: stock ZImagePipeline in float32 (TF32 off), seed 0, at the first
+  configuration: the image every bf16 path is measured against.
+fp8_eager: one transformer step at full size, eager, with the main blocks' linear
+  layers in float8 (torchao) against the same step in bf16: time and relative error.
+  Cheap (no compilation): it shows the float8 path runs on this host before `fp8`.
+fp8: our engine with `precision: fp8`, loaded and warmed as a replica would be
+  (compiled, CUDA graphs), at the run's 1024x1024 configurations: e2e, step, its
+  compile time, and its deviation from the bf16 engine's output for the same seed
+  (relative L2 of the final latents; PSNR of the decoded image).
+profile_24gb: deploy/serve_config.24gb.yaml served as it is, its model pointed at the
+  run's checkpoint, with its memory caps in bytes: 16 concurrent clients at 1024x1024,
+  the whole card's memory meanwhile (nvidia-smi) against 24 GiB, every answer's status.
+
+Equivalence (target 5 of issue 13): each path's image against stock diffusers' bf16
+image and against the float32 reference, as mean and max absolute pixel difference and
+PSNR. The tolerance a path must keep: its PSNR against the float32 reference at least
+stock bf16's own, less TOLERANCE_DB. Float8 is reported apart (it is not bf16).
+"""
+
+import concurrent.futures
+import io
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from load_tests.measure import CardMemory, summary
+
+# A served path keeps the tolerance when its image is within this many dB of stock bf16's
+# own PSNR against the float32 reference: as close to float32 as stock's bf16 is.
+TOLERANCE_DB = 1.0
+CARD_24GB = 24 * 2**30
+SPARE_24GB = 3 * 2**30
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE_24GB = ROOT / "deploy" / "serve_config.24gb.yaml"
+
+
+def image_difference(ours: np.ndarray, reference: np.ndarray) -> dict:
+    """How far an HxWx3 uint8 image is from a reference: mean and max absolute
+    difference in levels (0-255), and PSNR in dB (None where they are equal)."""
+    diff = ours.astype(np.float64) - reference.astype(np.float64)
+    mse = float((diff**2).mean())
+    return {
+        "mean_abs": round(float(np.abs(diff).mean()), 3),
+        "max_abs": int(np.abs(diff).max()),
+        "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse else None,
+    }
+
+
+def relative_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    ours, reference = ours.double(), reference.double()
+    return float((ours - reference).norm() / reference.norm())
+
+
+def equivalence(images: dict, latents: dict, result: dict) -> dict:
+    """Each path's seed-0 image against stock bf16's for the same configuration, and at
+    the reference's configuration against the float32 reference, with the tolerance
+    verdict; float8 apart."""
+    out: dict = {}
+    stock = images.get("stock", {})
+    reference = images.get("reference", {})
+    for path in ("engine", "service", "fp8", "profile_24gb"):
+        for name, image in images.get(path, {}).items():
+            row = {}
+            if name in stock:
+                row["vs_stock_bf16"] = image_difference(image, stock[name])
+            if name in reference:
+                row["vs_float32"] = image_difference(image, reference[name])
+            if path in ("engine", "service") and name in reference and name in stock:
+                own = image_difference(stock[name], reference[name])["psnr_db"]
+                ours = row["vs_float32"]["psnr_db"]
+                row["stock_bf16_vs_float32_psnr_db"] = own
+                # Equal images (None) are within any tolerance.
+                row["within_tolerance"] = None in (own, ours) or ours >= own - TOLERANCE_DB
+            if path in ("fp8", "profile_24gb") and name in latents and f"fp8:{name}" in latents:
+                row["latents_rel_l2_vs_bf16_engine"] = relative_l2(
+                    latents[f"fp8:{name}"], latents[name]
+                )
+            if path in ("fp8", "profile_24gb") and name in images.get("engine", {}):
+                row["vs_bf16_engine"] = image_difference(image, images["engine"][name])
+            out.setdefault(path, {})[name] = row
+    return out
+
+
+class Precision:
+    """The phases; `bench` is load_tests.bench_gpu.Bench (timer, log, result, args)."""
+
+    def __init__(self, bench):
+        self.bench, self.args, self.device = bench, bench.args, bench.device
+        self.timer, self.log, self.result = bench.timer, bench.log, bench.result
+        # The fp8 paths run at the run's 1024x1024 configurations (turbo, guidance 5).
+        self.configs = [c for c in bench.configs if c["width"] == bench.configs[0]["width"]]
+
+    def reference(self, path: Path) -> None:
+        from diffusers import ZImagePipeline
+
+        from load_tests.bench_gpu import NEGATIVE, PROMPT
+
+        config = self.bench.configs[0]
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            start = time.perf_counter()
+            pipe = ZImagePipeline.from_pretrained(path, torch_dtype=torch.float32)
+            pipe.to(self.device).set_progress_bar_config(disable=True)
+            image = pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE if config["guidance"] > 0 else None,
+                height=config["height"],
+                width=config["width"],
+                num_inference_steps=config["steps"],
+                guidance_scale=config["guidance"],
+                generator=torch.Generator("cpu").manual_seed(0),
+            ).images[0]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        self.bench.images["reference"][config["name"]] = np.asarray(image)
+        self.result["reference"] = {
+            "config": config["name"],
+            "dtype": "float32",
+            "seed": 0,
+            "took_s": round(time.perf_counter() - start, 1),
+        }
+        self.log("reference", self.result["reference"])
+        del pipe
+        self.bench.free()
+
+    def fp8_eager(self, path: Path) -> None:
+        """One eager transformer step, bf16 against float8, at the first configuration."""
+        from diffusers.models.transformers import ZImageTransformer2DModel
+
+        from serve_app.engine.precision import quantize_fp8
+        from serve_app.engine.zimage.denoiser import FP8_TARGETS
+        from serve_app.engine.zimage.transformer import prepare_transformer
+
+        config = self.bench.configs[0]
+        h, w = config["height"] // 8, config["width"] // 8
+        model = ZImageTransformer2DModel.from_pretrained(
+            path, subfolder="transformer", torch_dtype=torch.bfloat16
+        ).to(self.device)
+        prepare_transformer(model)
+        generator = torch.Generator("cpu").manual_seed(0)
+        latents = torch.randn(1, 16, 1, h, w, generator=generator).to(self.device)
+        caption = torch.randn(96, model.config.cap_feat_dim, generator=generator)
+        caption = caption.to(self.device, torch.bfloat16)
+        t = torch.tensor([0.5], device=self.device)
+
+        def step():
+            with torch.no_grad():
+                return model([latents.to(torch.bfloat16)[0]], t, [caption], return_dict=False)[0][0]
+
+        out = {"bf16_step_ms": self.bench.median_ms(step)}
+        bf16 = step().float()
+        out["fp8_layers"] = quantize_fp8(model, FP8_TARGETS, self.device)
+        out["fp8_step_ms"] = self.bench.median_ms(step)
+        out["fp8_rel_l2_vs_bf16"] = relative_l2(step().float(), bf16)
+        out["weights_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+        self.result["fp8_eager"] = out
+        self.log("fp8 eager", out)
+        model = None
+        self.bench.free()
+
+    def fp8(self, path: Path) -> None:
+        """Our engine with precision fp8, as a replica runs it, at 1024x1024."""
+        from load_tests.bench_gpu import NEGATIVE, PROMPT
+        from serve_app.engine.compiling import compile_cache_stats
+        from serve_app.engine.stages import StageRecorder
+        from serve_app.messages import GenerationParams
+
+        torch._dynamo.reset()  # the bf16 engine's compiled code, gone with it
+        before = compile_cache_stats()
+        start = time.perf_counter()
+        encoder, denoiser = self.bench.load_engine(path, precision="fp8")
+        loaded = time.perf_counter() - start
+        encoder.warmup()
+        sizes = sorted({(c["width"], c["height"]) for c in self.configs})
+        warmup = denoiser.warmup(sizes)
+        after = compile_cache_stats()
+        out: dict = {
+            "setup": {
+                "load_s": round(loaded, 1),
+                "warmup_s": warmup,
+                "ready_s": round(time.perf_counter() - start, 1),
+                "compile_cache": {k: after[k] - before[k] for k in after},
+                "denoiser_allocated_bytes": (
+                    torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+                ),
+            }
+        }
+        self.log("fp8 setup", out["setup"])
+        for config in self.configs:
+            name = config["name"]
+            params = GenerationParams(
+                PROMPT,
+                NEGATIVE if config["guidance"] > 0 else None,
+                config["width"],
+                config["height"],
+                config["steps"],
+                config["guidance"],
+                0,
+            )
+            self.bench.keep_latents(denoiser, self.bench.latents, f"fp8:{name}")
+            e2e, steps = [], []
+            for run in range(self.args.runs + 1):
+                recorder = StageRecorder(self.device)
+                with self.timer(e2e):
+                    emb = encoder.encode_params(params)
+                    pixels = denoiser.generate(params, emb, recorder=recorder)[0]
+                if run:
+                    steps += recorder.step_seconds
+                else:
+                    e2e.clear()
+            del denoiser.to_vae
+            self.bench.images["fp8"][name] = pixels
+            out[name] = {"e2e": summary(e2e), "step_ms": round(statistics.median(steps) * 1e3, 2)}
+            self.log("fp8", name, out[name])
+        self.result["fp8"] = out
+        encoder = denoiser = None
+        self.bench.free()
+
+    def profile_24gb(self, path: Path) -> None:
+        """deploy/serve_config.24gb.yaml as shipped (its caps in bytes), on this card. The
+        card's memory is read with this process idle on it first (its CUDA context):
+        the profile's own is the peak less that."""
+        from load_tests.local_service import local_service
+
+        config = self.configs[0]
+        body = self.bench.body(config)
+        model = {
+            "id": "zimage",
+            "model": str(path),
+            "compile_cache_dir": str(self.bench.compile_cache),
+            # All 16 clients taken in (the file takes 4 and refuses the rest): the
+            # Denoiser runs one at a time either way, the others wait in the replica.
+            "requests_per_replica": 16,
+        }
+        if self.args.tiny:  # the CPU smoke run: no float8 there
+            model["options"] = {"precision": "default"}
+        out: dict = {"config": str(PROFILE_24GB.relative_to(ROOT))}
+        out["baseline_mib"] = baseline = CardMemory(self.device).read()
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            local_service(
+                Path(tmp),
+                [model],
+                num_gpus=1,
+                ready_timeout_s=900,
+                deployments={"Denoiser-zimage": {"max_ongoing_requests": 16}},
+                source=PROFILE_24GB,
+            ) as svc,
+            CardMemory(self.device) as card,
+        ):
+            out["ready_s"] = round(svc.ready_s, 1)
+            out["ready_card_mib"] = card.read() - baseline
+            out["encoder"] = svc.handle("PromptEncoder").describe.remote().result()
+            out["denoiser"] = svc.handle("Denoiser").describe.remote().result()
+            self.log("24gb ready", out["ready_s"], "card MiB", card.last_mib)
+            e2e = []
+            with svc.client(timeout=900) as http:
+                for run in range(self.args.runs + 1):
+                    start = time.perf_counter()
+                    r = http.post("/generate", json=body)
+                    took = time.perf_counter() - start
+                    r.raise_for_status()
+                    if run == 0:
+                        image = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+                        self.bench.images["profile_24gb"][config["name"]] = image
+                    else:
+                        e2e.append(took)
+            out["single_client"] = summary(e2e)
+            clients, each = 16, max(2, self.args.runs // 2)
+
+            def client(_):
+                statuses, times = [], []
+                with httpx.Client(base_url=svc.url, timeout=900) as http:
+                    for _ in range(each):
+                        start = time.perf_counter()
+                        r = http.post("/generate", json={**body, "seed": None})
+                        times.append(time.perf_counter() - start)
+                        statuses.append(r.status_code)
+                return statuses, times
+
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                done = list(pool.map(client, range(clients)))
+            wall = time.perf_counter() - start
+            statuses = [s for d in done for s in d[0]]
+            out["concurrent"] = {
+                "clients": clients,
+                "requests": len(statuses),
+                "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
+                "images_per_s": round(statuses.count(200) / wall, 3),
+                "latency": summary([t for d in done for t in d[1]]),
+            }
+            out["denoiser_after"] = svc.handle("Denoiser").describe.remote().result()
+        out["card_peak_mib"] = peak = card.peak_mib - baseline
+        out["headroom_of_24gib_mib"] = (CARD_24GB >> 20) - peak
+        out["meets_3gib_spare"] = bool(card.peak_mib) and peak <= (CARD_24GB - SPARE_24GB) >> 20
+        self.result["profile_24gb"] = out
+        self.log("24gb", {k: v for k, v in out.items() if k not in ("encoder", "denoiser")})
+
+
+def markdown(result: dict) -> list[str]:
+    """The precision phases' and the equivalence tables, for the benchmark's .md file."""
+    lines = []
+    if eq := result.get("equivalence"):
+        lines += [
+            "",
+            "Images of seed 0 against stock diffusers' bf16 image and against stock's float32 "
+            f"image (the reference; TF32 off): mean / max absolute difference in levels, "
+            f"PSNR dB. Tolerance: PSNR vs float32 at least stock bf16's own less "
+            f"{TOLERANCE_DB} dB.",
+            "",
+            "| path | config | vs stock bf16 | vs float32 | stock bf16 vs float32 dB | within |",
+            "|---|---|---|---|---|---|",
+        ]
+        fmt = lambda d: f"{d['mean_abs']} / {d['max_abs']} / {d['psnr_db']}" if d else ""  # noqa: E731
+        for path, rows in eq.items():
+            for name, row in rows.items():
+                lines.append(
+                    f"| {path} | {name} | {fmt(row.get('vs_stock_bf16'))} "
+                    f"| {fmt(row.get('vs_float32'))} "
+                    f"| {row.get('stock_bf16_vs_float32_psnr_db', '')} "
+                    f"| {row.get('within_tolerance', '')} |"
+                )
+                if "latents_rel_l2_vs_bf16_engine" in row:
+                    lines.append(
+                        f"|  | (vs the bf16 engine: latents rel. L2 "
+                        f"{row['latents_rel_l2_vs_bf16_engine']:.4f}, image "
+                        f"{fmt(row.get('vs_bf16_engine'))}) | | | | |"
+                    )
+    if fp8 := result.get("fp8"):
+        lines += ["", f"fp8 engine setup: {fp8['setup']}", ""]
+        lines += ["| fp8 config | e2e p50 ms | step ms |", "|---|---|---|"]
+        for name, row in fp8.items():
+            if name != "setup":
+                lines.append(f"| {name} | {row['e2e'].get('p50_ms')} | {row['step_ms']} |")
+    if eager := result.get("fp8_eager"):
+        lines += ["", f"fp8, one eager step: {eager}"]
+    if p := result.get("profile_24gb"):
+        lines += [
+            "",
+            f"24 GB profile ({p['config']}): ready {p['ready_s']} s; one client p50 "
+            f"{p['single_client'].get('p50_ms')} ms; {p['concurrent']['clients']} clients: "
+            f"{p['concurrent']['statuses']}, {p['concurrent']['images_per_s']} images/s; "
+            f"card peak {p['card_peak_mib']} MiB, {p['headroom_of_24gib_mib']} MiB of 24 GiB "
+            f"left (3 GiB spare: {p['meets_3gib_spare']}).",
+        ]
+    return lines
