@@ -96,3 +96,17 @@ def test_the_command_line_fails_on_a_bad_config(tmp_path, capsys):
     out = capsys.readouterr()
     assert "serve_config.yaml: ok" in out.out and "bad.yaml: FAILED" in out.out
     assert "max_replica" in out.err
+
+
+def test_the_24gb_profile_keeps_3_gib_of_its_card_spare():
+    """Its model runs in float8 without adapters, and its replicas' caps with two CUDA
+    contexts (about 0.5 GiB each; the GPU bench reads the real figure) leave 3 GiB."""
+    from serve_app.config import AppConfig
+    from serve_app.engine.zimage import Options
+
+    args = load("serve_config.24gb.yaml")["applications"][0]["args"]
+    [model] = AppConfig.model_validate(args).models
+    assert Options.model_validate(model.options).precision == "fp8"
+    assert model.lora_dir is None and model.warmup_sizes == ["1024x1024"]
+    caps = model.memory.encoder_cap_bytes + model.memory.cap_bytes
+    assert caps + 2 * 2**29 <= (24 - 3) * 2**30
