@@ -44,11 +44,11 @@ from types import SimpleNamespace
 import httpx
 import yaml
 
-from deploy.layout import adapt, cards, most_replicas, pin_denoiser
+from deploy.layout import SOURCE, adapt, cards, model_ids, most_replicas, pin_denoiser
+from load_tests.loadtest import percentiles
+from load_tests.local_service import APP, ROOT, deployment_config, local_service
+from load_tests.traffic import PATH
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "deploy" / "serve_config.multi_gpu.yaml"
-PATH = "/v1/images/generations"
 # Model id in the config -> the preset measured. The family's checkpoint is written at
 # its real size with random weights: speed and memory depend on the architecture only.
 PRESETS = {"zimage": "turbo", "sdxl": "niannian"}
@@ -155,25 +155,6 @@ class CardSampler:
 # --- figures from the measurements ------------------------------------------------
 
 
-def percentiles(seconds: list[float]) -> dict:
-    """n, p50, p95, p99, min and max in milliseconds (nearest rank but the median)."""
-    if not seconds:
-        return {}
-    ordered = sorted(seconds)
-
-    def rank(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000, 2)
-
-    return {
-        "n": len(ordered),
-        "p50_ms": round(statistics.median(ordered) * 1000, 2),
-        "p95_ms": rank(0.95),
-        "p99_ms": rank(0.99),
-        "min_ms": round(ordered[0] * 1000, 2),
-        "max_ms": round(ordered[-1] * 1000, 2),
-    }
-
-
 def saturated(levels: dict[str, dict]) -> dict:
     """The level (concurrency -> its measurement) where images/s is highest: where the
     Denoisers are saturated, as far as the levels measured reach."""
@@ -206,7 +187,7 @@ def encoder_limit(
             (None without nvidia-smi).
     """
     alone = replicas * 1000 / encode_ms if encode_ms > 0 else None
-    out = {
+    return {
         "encode_ms_p50": round(encode_ms, 2),
         "replicas": replicas,
         "gpu_share": share,
@@ -221,7 +202,36 @@ def encoder_limit(
             round(rate * 100 / card_busy_pct, 1) if card_busy_pct and card_busy_pct >= 1 else None
         ),
     }
-    return out
+
+
+def model_figures(phases: dict[str, dict], model: str, encoder: dict) -> dict:
+    """A model's figures from its phases: the saturated level with one Denoiser and with
+    the most, the scaling efficiency between them, and the encoder's limit at the
+    latter's saturated level (its `encode` stage, its card's utilisation).
+
+    Args:
+        phases: Denoiser replicas ("1" and, where scaled, the most) -> that phase's
+            measurement (MultiGpuBench.measure_phase).
+        model: the model id.
+        encoder: its PromptEncoder's deployment config, as laid out.
+    """
+    most = max(phases, key=int)
+    one, last = saturated(phases["1"]["levels"]), saturated(phases[most]["levels"])
+    level = phases[most]["levels"][str(last["concurrency"])]
+    encoder_card = next((c for c in level["cards"] if f"PromptEncoder-{model}" in c["roles"]), {})
+    return {
+        "saturated": {"1": one, most: last},
+        "scaling_efficiency": scaling_efficiency(
+            one["images_per_s"], last["images_per_s"], int(most)
+        ),
+        "encoder_limit": encoder_limit(
+            level["timings_ms"].get("encode", 0.0),
+            most_replicas(encoder),
+            encoder.get("ray_actor_options", {}).get("num_gpus", 0),
+            last["images_per_s"],
+            encoder_card.get("utilization_mean_pct"),
+        ),
+    }
 
 
 def placement_problems(placement: dict[str, list[dict]], gpus: int) -> list[str]:
@@ -255,7 +265,17 @@ def placement_problems(placement: dict[str, list[dict]], gpus: int) -> list[str]
 # --- the load -----------------------------------------------------------------------
 
 
-async def _closed_loop(url: str, body: dict, concurrency: int, per_client: int) -> dict:
+def closed_loop(url: str, body: dict, concurrency: int, per_client: int) -> dict:
+    """`concurrency` clients, each sending `body` `per_client` times, one after another
+    (the next as soon as its answer is in): images/s over the whole, latency
+    percentiles, and the answers' median stage timings (ms). Any answer but 200 fails.
+
+    Args:
+        url: the service's base URL.
+        body: the JSON body of POST /v1/images/generations.
+        concurrency: clients at once.
+        per_client: requests each client sends.
+    """
     latencies: list[float] = []
     timings: list[dict] = []
 
@@ -269,11 +289,14 @@ async def _closed_loop(url: str, body: dict, concurrency: int, per_client: int) 
             latencies.append(took)
             timings.append(r.json()["timings"])
 
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    async def clients() -> float:
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
+            start = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
+            return time.perf_counter() - start
+
+    wall = asyncio.run(clients())
     return {
         "requests": len(latencies),
         "wall_s": round(wall, 2),
@@ -287,20 +310,6 @@ async def _closed_loop(url: str, body: dict, concurrency: int, per_client: int) 
     }
 
 
-def closed_loop(url: str, body: dict, concurrency: int, per_client: int) -> dict:
-    """`concurrency` clients, each sending `body` `per_client` times, one after another
-    (the next as soon as its answer is in): images/s over the whole, latency
-    percentiles, and the answers' median stage timings (ms). Any answer but 200 fails.
-
-    Args:
-        url: the service's base URL.
-        body: the JSON body of POST /v1/images/generations.
-        concurrency: clients at once.
-        per_client: requests each client sends.
-    """
-    return asyncio.run(_closed_loop(url, body, concurrency, per_client))
-
-
 # --- the bench ----------------------------------------------------------------------
 
 
@@ -308,12 +317,11 @@ class MultiGpuBench:
     """One run: every model of --models, one after another, on one local Ray cluster
     each; the result saved after every measurement."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, args: argparse.Namespace, source: dict):
+        self.args, self.source = args, source
         self.gpus = args.gpus
         self.levels = sorted(set(args.concurrency or (1, 4, 16, 4 * self.gpus)))
         self.baseline_levels = [c for c in self.levels if c <= args.baseline_max_concurrency]
-        self.source = yaml.safe_load(args.source.read_text())
         self.started = time.monotonic()
         self.result: dict = {
             "gpus": self.gpus,
@@ -410,12 +418,13 @@ class MultiGpuBench:
 
     # --- one model: baseline, then every card --------------------------------------
 
-    def measure_model(self, model: str) -> dict:
+    def measure_model(self, model: str) -> None:
+        """The model alone, laid out for the node, started with one Denoiser (the
+        baseline phase) and scaled in place to all its cards; its figures after."""
         layout = adapt(self.source, self.gpus, [model])
-        app = layout["applications"][0]
-        denoiser = next(d for d in app["deployments"] if d["name"] == f"Denoiser-{model}")
-        encoder = next(d for d in app["deployments"] if d["name"] == f"PromptEncoder-{model}")
-        denoisers = most_replicas(denoiser)
+        encoder = deployment_config(layout, f"PromptEncoder-{model}")
+        encoders = most_replicas(encoder)
+        denoisers = most_replicas(deployment_config(layout, f"Denoiser-{model}"))
         out: dict = {
             "preset": PRESETS[model],
             "request": self.request(model),
@@ -431,9 +440,6 @@ class MultiGpuBench:
             source = workdir / "layout.yaml"
             source.write_text(yaml.safe_dump(pin_denoiser(layout, model, 1)))
             self.log(model, "layout", out["layout"], "starting with one Denoiser")
-            from load_tests.local_service import local_service
-
-            encoders = most_replicas(encoder)
             with local_service(
                 workdir,
                 [settings],
@@ -454,34 +460,15 @@ class MultiGpuBench:
                     out["phases"][str(denoisers)] = self.measure_phase(
                         svc, model, encoders, denoisers, self.levels, time.monotonic() - start
                     )
-        first = saturated(out["phases"]["1"]["levels"])
-        last = saturated(out["phases"][str(denoisers)]["levels"])
-        out["saturated"] = {"1": first, str(denoisers): last}
-        out["scaling_efficiency"] = scaling_efficiency(
-            first["images_per_s"], last["images_per_s"], denoisers
-        )
-        level = out["phases"][str(denoisers)]["levels"][str(last["concurrency"])]
-        encoder_card = next(
-            (c for c in level["cards"] if f"PromptEncoder-{model}" in c.get("roles", [])), {}
-        )
-        out["encoder_limit"] = encoder_limit(
-            level["timings_ms"].get("encode", 0.0),
-            encoders,
-            encoder.get("ray_actor_options", {}).get("num_gpus", 0),
-            last["images_per_s"],
-            encoder_card.get("utilization_mean_pct"),
-        )
+        out.update(model_figures(out["phases"], model, encoder))
         self.log(model, "saturated", out["saturated"], "efficiency", out["scaling_efficiency"])
         self.log(model, "encoder limit", out["encoder_limit"])
-        return out
 
     def redeploy(self, config: dict, model: str, replicas: int, workdir: Path) -> None:
         """Apply `config` to the running app in place (Serve keeps the replicas it has:
         a replica count is a light update) and wait for `replicas` Denoisers running."""
         import ray
         from ray import serve
-
-        from load_tests.local_service import APP
 
         path = workdir / f"layout-{replicas}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -531,8 +518,8 @@ class MultiGpuBench:
             "cards_idle": with_roles(card_summary([self.cards.read()]), roles),
             "levels": {},
         }
-        self.log(model, replicas, "placement", {n: [r["gpu_ids"] for r in reps]
-                                                for n, reps in placement.items()})  # fmt: skip
+        where = {name: [r["gpu_ids"] for r in reps] for name, reps in placement.items()}
+        self.log(model, replicas, "placement", where)
         body = self.request(model)
         # Every replica once at least (an adapter's first load, a first call's costs);
         # an adapter's requests go to the replicas holding it until those are full.
@@ -561,7 +548,7 @@ class MultiGpuBench:
                 self.result["models"].pop(model, None)
                 self.measure_model(model)
                 self.save()
-        measured = [m for m in ("zimage", "sdxl") if m in self.result["models"]]
+        measured = [m for m in PRESETS if m in self.result["models"]]
         if measured:  # the default model's, Z-Image's where it was measured
             model = measured[0]
             self.result["scaling_efficiency"] = self.result["models"][model]["scaling_efficiency"]
@@ -614,6 +601,7 @@ def with_roles(summary: list[dict], roles: dict[str, list[str]]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
+    """The results file's report: the run's facts, then each model's section."""
     env = result["env"]
     lines = [
         f"# Multi-GPU benchmark: {env.get('gpu')} x{result['gpus']}",
@@ -625,88 +613,99 @@ def markdown(result: dict) -> str:
         f"{result.get('scaling_efficiency')}",
     ]
     for model, m in result["models"].items():
-        request = ", ".join(f"{k} {v}" for k, v in m["request"].items() if k != "prompt")
-        lines += ["", f"## {model}: {request}", ""]
-        lines += [f"- card {i}: {', '.join(card)}" for i, card in enumerate(m["layout"])]
-        lines += [
-            "",
-            "| Denoisers | concurrency | requests | images/s | p50 ms | p95 ms | encode ms "
-            "| denoise ms | utilisation % (mean), card:% |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for phase in m["phases"].values():
-            for c, level in phase["levels"].items():
-                busy = " ".join(
-                    f"{card['index']}:{card['utilization_mean_pct']}"
-                    for card in level["cards"]
-                    if card["roles"]
-                )
-                t = level["timings_ms"]
-                lines.append(
-                    f"| {phase['denoisers']} | {c} | {level['requests']} | {level['images_per_s']} "
-                    f"| {level['latency']['p50_ms']} | {level['latency']['p95_ms']} "
-                    f"| {t.get('encode')} | {t.get('denoise')} | {busy or 'n/a'} |"
-                )
-        if "saturated" not in m:
-            continue  # a run that stopped within this model
-        one, most = m["saturated"]["1"], m["saturated"][str(m["denoiser_gpus"])]
-        lines += [
-            "",
-            f"Saturated: one Denoiser {one['images_per_s']} images/s (at concurrency "
-            f"{one['concurrency']}), {m['denoiser_gpus']} Denoisers {most['images_per_s']} (at "
-            f"{most['concurrency']}): scaling efficiency {m['scaling_efficiency']}.",
-        ]
-        for phase in m["phases"].values():
-            spread = list(phase.get("adapter_requests_by_replica", {}).values())
-            lines += [
-                "",
-                f"{phase['denoisers']} Denoiser(s): ready {phase['ready_s']} s; placement "
-                f"{phase['placement_problems'] or 'as intended'}"
-                + (f"; requests with the adapter, by replica: {spread}." if any(spread) else "."),
-                "",
-            ]
-            if not phase["cards_idle"]:
-                lines.append("No nvidia-smi here: no card readings.")
-                continue
-            lines += [
-                "| card | on it | memory idle MiB | memory peak MiB (load) | utilisation mean % "
-                "(highest level) |",
-                "|---|---|---|---|---|",
-            ]
-            top = phase["levels"][max(phase["levels"], key=int)]["cards"]
-            idle = {c["index"]: c for c in phase["cards_idle"]}
-            for card in top:
-                peak = max(
-                    (
-                        c["memory_used_peak_mib"] or 0
-                        for level in phase["levels"].values()
-                        for c in level["cards"]
-                        if c["index"] == card["index"]
-                    ),
-                    default=None,
-                )
-                lines.append(
-                    f"| {card['index']} | {', '.join(card['roles']) or '-'} "
-                    f"| {idle.get(card['index'], {}).get('memory_used_last_mib')} | {peak} "
-                    f"| {card['utilization_mean_pct']} |"
-                )
-        e = m["encoder_limit"]
-        busy = (
-            f"its card {e['card_utilization_pct']}% busy meanwhile (100% at "
-            f"{e['requests_per_s_at_full_card']} requests/s)"
-            if e["card_utilization_pct"] is not None
-            else "no nvidia-smi here for its card's utilisation"
-        )
-        lines += [
-            "",
-            f"Encoder: {e['encode_ms_p50']} ms an encode at {e['measured_requests_per_s']} "
-            f"requests/s ({e['replicas']} replica(s), {e['gpu_share']} of card 0 each): the "
-            f"bottleneck from {e['requests_per_s_card_alone']} requests/s with the card to "
-            f"itself ({e['headroom_card_alone']}x this node's rate), from "
-            f"{e['requests_per_s_at_share']} requests/s with only its share of the card "
-            f"({e['headroom_at_share']}x); {busy}.",
-        ]
+        lines += model_markdown(model, m)
     return "\n".join(lines) + "\n"
+
+
+def model_markdown(model: str, m: dict) -> list[str]:
+    """One model's section: every level of every phase, then (once it has them) the
+    saturated figures, each phase's placement and cards, and the encoder's limit."""
+    request = ", ".join(f"{k} {v}" for k, v in m["request"].items() if k != "prompt")
+    lines = ["", f"## {model}: {request}", ""]
+    lines += [f"- card {i}: {', '.join(card)}" for i, card in enumerate(m["layout"])]
+    lines += [
+        "",
+        "| Denoisers | concurrency | requests | images/s | p50 ms | p95 ms | encode ms "
+        "| denoise ms | utilisation % (mean), card:% |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for phase in m["phases"].values():
+        for c, level in phase["levels"].items():
+            busy = " ".join(
+                f"{card['index']}:{card['utilization_mean_pct']}"
+                for card in level["cards"]
+                if card["roles"]
+            )
+            t = level["timings_ms"]
+            lines.append(
+                f"| {phase['denoisers']} | {c} | {level['requests']} | {level['images_per_s']} "
+                f"| {level['latency']['p50_ms']} | {level['latency']['p95_ms']} "
+                f"| {t.get('encode')} | {t.get('denoise')} | {busy or 'n/a'} |"
+            )
+    if "saturated" not in m:
+        return lines  # a run that stopped within this model
+    one, most = m["saturated"]["1"], m["saturated"][str(m["denoiser_gpus"])]
+    lines += [
+        "",
+        f"Saturated: one Denoiser {one['images_per_s']} images/s (at concurrency "
+        f"{one['concurrency']}), {m['denoiser_gpus']} Denoisers {most['images_per_s']} (at "
+        f"{most['concurrency']}): scaling efficiency {m['scaling_efficiency']}.",
+    ]
+    for phase in m["phases"].values():
+        spread = list(phase.get("adapter_requests_by_replica", {}).values())
+        lines += [
+            "",
+            f"{phase['denoisers']} Denoiser(s): ready {phase['ready_s']} s; placement "
+            f"{phase['placement_problems'] or 'as intended'}"
+            + (f"; requests with the adapter, by replica: {spread}." if any(spread) else "."),
+            "",
+            *cards_markdown(phase),
+        ]
+    e = m["encoder_limit"]
+    busy = (
+        f"its card {e['card_utilization_pct']}% busy meanwhile (100% at "
+        f"{e['requests_per_s_at_full_card']} requests/s)"
+        if e["card_utilization_pct"] is not None
+        else "no nvidia-smi here for its card's utilisation"
+    )
+    return lines + [
+        "",
+        f"Encoder: {e['encode_ms_p50']} ms an encode at {e['measured_requests_per_s']} "
+        f"requests/s ({e['replicas']} replica(s), {e['gpu_share']} of card 0 each): the "
+        f"bottleneck from {e['requests_per_s_card_alone']} requests/s with the card to "
+        f"itself ({e['headroom_card_alone']}x this node's rate), from "
+        f"{e['requests_per_s_at_share']} requests/s with only its share of the card "
+        f"({e['headroom_at_share']}x); {busy}.",
+    ]
+
+
+def cards_markdown(phase: dict) -> list[str]:
+    """A phase's cards: what is on each, its memory idle and at its peak over the
+    levels, and its utilisation at the highest level."""
+    if not phase["cards_idle"]:
+        return ["No nvidia-smi here: no card readings."]
+    lines = [
+        "| card | on it | memory idle MiB | memory peak MiB (load) | utilisation mean % "
+        "(highest level) |",
+        "|---|---|---|---|---|",
+    ]
+    idle = {c["index"]: c for c in phase["cards_idle"]}
+    for card in phase["levels"][max(phase["levels"], key=int)]["cards"]:
+        peak = max(
+            (
+                c["memory_used_peak_mib"] or 0
+                for level in phase["levels"].values()
+                for c in level["cards"]
+                if c["index"] == card["index"]
+            ),
+            default=None,
+        )
+        lines.append(
+            f"| {card['index']} | {', '.join(card['roles']) or '-'} "
+            f"| {idle.get(card['index'], {}).get('memory_used_last_mib')} | {peak} "
+            f"| {card['utilization_mean_pct']} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -749,14 +748,14 @@ def main(argv: list[str] | None = None) -> None:
         args.gpus = torch.cuda.device_count()
         if not args.gpus:
             parser.error("no CUDA device here: --gpus N declares N logical GPUs (with --tiny)")
-    config = yaml.safe_load(args.source.read_text())
-    served = [m["id"] for m in config["applications"][0]["args"]["models"]]
+    source = yaml.safe_load(args.source.read_text())
+    served = model_ids(source)
     args.models = args.models or [m for m in PRESETS if m in served]
     unknown = [m for m in args.models if m not in PRESETS or m not in served]
     if unknown:
         parser.error(f"models {unknown}: the bench measures {list(PRESETS)} where {args.source} "
                      f"serves them; it serves {served}")  # fmt: skip
-    MultiGpuBench(args).run()
+    MultiGpuBench(args, source).run()
 
 
 if __name__ == "__main__":

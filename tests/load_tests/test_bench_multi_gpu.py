@@ -13,8 +13,8 @@ from load_tests.bench_multi_gpu import (
     card_summary,
     encoder_limit,
     in_child,
+    model_figures,
     parse_smi,
-    percentiles,
     placement_problems,
     saturated,
     scaling_efficiency,
@@ -51,27 +51,61 @@ def test_nvidia_smi_rows_and_their_summary():
 def test_efficiency_and_saturation():
     levels = {"1": {"images_per_s": 1.0}, "4": {"images_per_s": 6.3}, "32": {"images_per_s": 6.9}}
     assert saturated(levels) == {"concurrency": 32, "images_per_s": 6.9}
-    assert scaling_efficiency(1.05, 6.9, 7) == round(6.9 / (7 * 1.05), 3)
+    assert scaling_efficiency(1.05, 6.9, 7) == 0.939  # 6.9 / 7.35
     assert scaling_efficiency(1.05, 1.04, 1) is None  # one card: nothing scaled
 
 
 def test_encoder_limit():
     e = encoder_limit(encode_ms=10.0, replicas=1, share=0.5, rate=7.0, card_busy_pct=7.0)
     assert e["requests_per_s_card_alone"] == 100.0 and e["requests_per_s_at_share"] == 50.0
-    assert e["headroom_card_alone"] == round(100 / 7, 1)
+    assert e["headroom_card_alone"] == 14.3 and e["headroom_at_share"] == 7.1
     assert e["requests_per_s_at_full_card"] == 100.0  # 7 requests/s at 7% busy
     assert encoder_limit(10.0, 2, 0.5, 7.0, None)["requests_per_s_card_alone"] == 200.0
     assert encoder_limit(10.0, 1, 0.5, 7.0, None)["requests_per_s_at_full_card"] is None
 
 
-def test_checkpoints_are_written_in_another_process():
+def test_in_child_runs_in_another_process():
     # So that this process never holds a CUDA context on card 0 (the encoders' card).
     assert in_child(os.getpid) != os.getpid()
 
 
-def test_percentiles():
-    p = percentiles([i / 1000 for i in range(1, 101)])  # 1..100 ms
-    assert (p["n"], p["p50_ms"], p["p95_ms"], p["max_ms"]) == (100, 50.5, 95.0, 100.0)
+def level(images_per_s: float, encode_ms: float = 10.0, encoder_busy: float = 5.0) -> dict:
+    return {
+        "images_per_s": images_per_s,
+        "timings_ms": {"encode": encode_ms, "denoise": 900.0},
+        "cards": [
+            {"index": 1, "roles": ["Denoiser-zimage"], "utilization_mean_pct": 99.0},
+            {"index": 0, "roles": ["PromptEncoder-zimage"], "utilization_mean_pct": encoder_busy},
+        ],
+    }
+
+
+def test_model_figures_take_each_phases_saturated_level():
+    phases = {
+        "1": {"levels": {"1": level(0.8), "4": level(1.0), "16": level(0.99)}},
+        "3": {
+            "levels": {
+                "4": level(2.4),
+                "12": level(2.85, encode_ms=20.0, encoder_busy=12.0),
+                "16": level(2.8),
+            }
+        },
+    }
+    encoder = {"num_replicas": 1, "ray_actor_options": {"num_gpus": 0.5}}
+    f = model_figures(phases, "zimage", encoder)
+    assert f["saturated"] == {
+        "1": {"concurrency": 4, "images_per_s": 1.0},
+        "3": {"concurrency": 12, "images_per_s": 2.85},
+    }
+    assert f["scaling_efficiency"] == 0.95
+    # The encoder at the scaled phase's saturated level: 20 ms an encode, its card (not
+    # a Denoiser's) 12% busy at 2.85 requests/s.
+    e = f["encoder_limit"]
+    assert (e["encode_ms_p50"], e["requests_per_s_card_alone"], e["gpu_share"]) == (20.0, 50.0, 0.5)
+    assert (e["card_utilization_pct"], e["requests_per_s_at_full_card"]) == (12.0, 23.8)
+    # One GPU: one phase, nothing scaled.
+    alone = model_figures({"1": phases["1"]}, "zimage", encoder)
+    assert alone["scaling_efficiency"] is None and list(alone["saturated"]) == ["1"]
 
 
 def replica(*gpus: str) -> dict:
