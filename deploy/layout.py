@@ -13,7 +13,7 @@ places fractional and whole GPUs, to show and check the result.
     python -m deploy.layout --gpus 2 --models zimage    # one model on a 2-GPU node
 
 Used by load_tests/bench_multi_gpu.py; tests/deploy/test_layout.py checks every layout
-for 1, 2, 4 and 8 GPUs against `python -m deploy.check`.
+for 1, 2, 3, 4 and 8 GPUs against `python -m deploy.check`.
 """
 
 import argparse

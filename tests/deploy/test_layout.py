@@ -1,4 +1,4 @@
-"""deploy/layout.py: the multi-GPU config laid out for 1, 2, 4 and 8 GPUs."""
+"""deploy/layout.py: the multi-GPU config laid out for 1, 2, 3, 4 and 8 GPUs."""
 
 import copy
 
@@ -74,6 +74,43 @@ def test_four_gpus_share_the_denoiser_cards_in_the_files_proportions():
     assert d["Denoiser-zimage"]["autoscaling_config"]["max_replicas"] == 2  # file: 5 of 7
     assert d["Denoiser-sdxl"]["autoscaling_config"]["max_replicas"] == 1  # file: 2 of 7
     assert d["PromptEncoder-zimage"] == deployments(MULTI)["PromptEncoder-zimage"]
+
+
+def test_autoscaling_range_is_clipped_to_the_cards():
+    # The file starts each Denoiser at 1; a config that starts more than its cards
+    # hold is clipped, not left asking for replicas that cannot be placed.
+    config = copy.deepcopy(MULTI)
+    autoscaling = deployments(config)["Denoiser-zimage"]["autoscaling_config"]
+    autoscaling.update(min_replicas=4, initial_replicas=3)
+    clipped = deployments(adapt(config, 3, ["zimage"]))["Denoiser-zimage"]["autoscaling_config"]
+    assert clipped["min_replicas"] == clipped["initial_replicas"] == clipped["max_replicas"] == 2
+
+
+def test_cards_pack_as_ray_does():
+    # Ray gives a fractional share the card it fits most tightly (best fit); the
+    # encoders are placed first so that they make card 0; a whole GPU takes a card.
+    def deployment(name: str, share: float, replicas: int = 1) -> dict:
+        return {"name": name, "num_replicas": replicas, "ray_actor_options": {"num_gpus": share}}
+
+    config = {
+        "applications": [
+            {
+                "deployments": [
+                    deployment("Ingress", 0),
+                    deployment("Denoiser-a", 0.6),
+                    deployment("Denoiser-b", 0.3),
+                    deployment("PromptEncoder-a", 0.5),
+                    deployment("Denoiser-c", 1, replicas=2),
+                ]
+            }
+        ]
+    }
+    assert cards(config) == [
+        [("PromptEncoder-a", 0.5)],
+        [("Denoiser-a", 0.6), ("Denoiser-b", 0.3)],  # 0.9 of this card, not 0.8 of card 0
+        [("Denoiser-c", 1.0)],
+        [("Denoiser-c", 1.0)],
+    ]
 
 
 def test_one_gpu_is_the_single_gpu_files_layout():
