@@ -49,7 +49,7 @@ bench: install
 	$(BIN)/python -m load_tests.bench_gpu $(BENCH_ARGS)
 
 # On a machine of several GPUs: deploy/serve_config.multi_gpu.yaml laid out for them, images/s
-# with one Denoiser and with one per card (load_tests/bench_multi_gpu.py); results to
+# with one Denoiser and with one per other card (load_tests/bench_multi_gpu.py); results to
 # load_tests/results/<gpu>-x<N>-<date>-multi-gpu.*. One model a call, the second appended:
 #   make bench-multi-gpu BENCH_ARGS='--models sdxl --append'
 bench-multi-gpu: install
