@@ -86,6 +86,7 @@ def ray_service(serve_config: dict) -> dict:
         mounts=[
             {"name": "models", "mountPath": "/models", "readOnly": True},
             {"name": "api-keys", "mountPath": "/etc/t2i", "readOnly": True},
+            {"name": "compile-cache", "mountPath": "/cache/compile"},
         ],
         # Ready only when every model has a running Denoiser (and so the Ingress
         # answers): the Serve service then sends this pod traffic. ~80 s of warm-up
@@ -140,6 +141,18 @@ def ray_service(serve_config: dict) -> dict:
                                         },
                                     },
                                     {"name": "api-keys", "secret": {"secretName": "t2i-api-keys"}},
+                                    # The models' compile_cache_dir: the node's own disk,
+                                    # so that a replica or pod started again on it loads
+                                    # its compiled graphs instead of compiling (README,
+                                    # "Start-up"). A ReadWriteMany volume here would
+                                    # share them with every node.
+                                    {
+                                        "name": "compile-cache",
+                                        "hostPath": {
+                                            "path": "/var/cache/t2i-compile",
+                                            "type": "DirectoryOrCreate",
+                                        },
+                                    },
                                 ],
                                 "tolerations": [
                                     {
