@@ -17,10 +17,16 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from serve_app.errors import Busy, Cancelled, ReplicaFailed
 from serve_app.imaging import encode_image
 from serve_app.inflight import DuplicateRequestId
+from serve_app.ingress.admission import FullModels
 from serve_app.ingress.detached import detached
 from serve_app.messages import Generated, GenerationParams, Preview, Progress
 
 logger = logging.getLogger("ray.serve")
+
+# How long InFlight's refusal of a full model stands in an ingress replica that closes
+# none of the model's requests meanwhile (ingress/admission.py): a slot freed through
+# another ingress replica is taken at most this late.
+FULL_HOLD_S = 0.25
 
 
 @dataclass
@@ -105,21 +111,23 @@ class Flow:
         denoisers: dict[str, DeploymentHandle],
     ):
         self.inflight, self.encoders, self.denoisers = inflight, encoders, denoisers
+        self.full = FullModels(FULL_HOLD_S)
         self._closing: set[asyncio.Task] = set()
 
-    def _close(self, request_id: str, report: dict | None, owner: str) -> None:
+    def _close(self, request_id: str, model_id: str, report: dict | None, owner: str) -> None:
         """Close the request's InFlight record, in the background (the caller may be
         unwinding a cancellation), retried: a record left open holds its key's and its
         model's admission slot until it goes stale. Detached from the request: Serve
         cancels a cancelled request's calls, and this one was, now and then (CI)."""
-        task = detached(self._close_retried(request_id, report, owner))
+        task = detached(self._close_retried(request_id, model_id, report, owner))
         self._closing.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._closing.discard)
 
-    async def _close_retried(self, request_id, report, owner, attempts: int = 6) -> None:
+    async def _close_retried(self, request_id, model_id, report, owner, attempts=6) -> None:
         for attempt in range(attempts):
             try:
                 await self.inflight.close.remote(request_id, report, owner)
+                self.full.closed(model_id)
                 return
             except Exception:  # noqa: BLE001 - retried, then logged
                 if attempt == attempts - 1:
@@ -151,12 +159,15 @@ class Flow:
         the replicas raise. A client that leaves cancels this coroutine, and with it
         everything.
         """
-        registered, owner = False, uuid.uuid4().hex
+        known = self.full.refusal(model_id)
+        if known is not None:  # full when InFlight last said, and nothing closed since
+            raise known
+        registered, owner, closes = False, uuid.uuid4().hex, self.full.closes(model_id)
         opening = self.inflight.open.remote(request_id, model_id, key, key_limit, owner)
         try:
             refusal = await _call(opening)
         except asyncio.CancelledError:  # the client left: its record may have been made
-            self._close(request_id, None, owner)
+            self._close(request_id, model_id, None, owner)
             raise
         except Exception:  # noqa: BLE001 - without InFlight, serve the request anyway
             logger.warning("request %s: admission and cancel-by-id unavailable", request_id,
@@ -166,7 +177,9 @@ class Flow:
             if refusal is not None and refusal["reason"] == "duplicate":
                 raise DuplicateRequestId(request_id)
             if refusal is not None:
-                raise Busy(refusal["reason"], refusal["limit"], refusal["retry_after_s"])
+                busy = Busy(refusal["reason"], refusal["limit"], refusal["retry_after_s"])
+                self.full.refused(model_id, busy, closes)
+                raise busy
         work = asyncio.ensure_future(
             self._run(request_id, model_id, params, encoding, state, on_event)
         )
@@ -198,7 +211,7 @@ class Flow:
             if listen is not None:
                 listen.cancel()  # cancels the pending watch call too
             if registered:
-                self._close(request_id, report, owner)
+                self._close(request_id, model_id, report, owner)
 
     async def _run(self, request_id, model_id, params, encoding, state, on_event) -> Result:
         """The request's trip. A replica that dies under it is retried once, on the
