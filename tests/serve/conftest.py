@@ -191,8 +191,10 @@ def service(tmp_path_factory, serve_checkpoint, lora_dirs):
         deployments={
             "Denoiser-sdxl": {"num_replicas": SDXL_REPLICAS},
             # Above what the models take in (24 + 2 x 24), with room to refuse what comes
-            # past it: see the README's "Bounded queues".
-            "Ingress": {"max_ongoing_requests": 80},
+            # past it: see the README's "Bounded queues". With 8 to spare (80), the 10x
+            # overload's refusals waited at Ray's proxy for a slot (the 429s' p50 3.3 s)
+            # or got its 503 (load_tests/results/cpu-2026-12-05-refusal-levers.json).
+            "Ingress": {"max_ongoing_requests": 160},
         },
         extra_apps=[strict_app(serve_checkpoint), idle_app(serve_checkpoint)],
     ) as svc:

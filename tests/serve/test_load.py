@@ -82,13 +82,16 @@ def test_overload_at_10x_refuses_fast_and_draws_only_correct_images(service, cap
     refusals = overload["refusals"]
     assert refusals["n"] > 0, seen
     # The target is every refusal within 100 ms; on this 2-core machine it is not met and
-    # not held. Here Ray's proxy, the ingress and InFlight spend ~27 ms of CPU on each
-    # refusal (load_tests/results/cpu-2026-12-02-request-cost.json), and at 10x (~20
-    # requests/s) they share two cores with the whole cluster and the load generator:
-    # runs gave refusal p50s from 28 to 534 ms, p95s of 0.3 to 5.7 s. Held: refusals
-    # come at once rather than after a wait for the GPU (the accepted requests here
-    # waited 35 s at the median).
-    assert refusals["p50_ms"] <= 1000, seen
+    # not held: a third to three quarters take longer. Each costs ~10 ms of CPU in Ray's
+    # proxy and the ingress, most of it Ray Serve's own request path, and at 10x (~50
+    # requests/s) they share two cores with the whole cluster and the load generator;
+    # the ingress's one event loop is the busiest (load_tests/results/
+    # cpu-2026-12-05-refusal-levers.md). Runs gave refusal p50s of 66 to 332 ms, p95s of
+    # 0.3 to 1.3 s, maxima of 0.8 to 2.5 s. Held: refusals come at once rather than after
+    # a wait for the GPU (the accepted requests here waited ~20 s at the median) or for
+    # an ingress slot (with 8 to spare over what the models take in, p95 was 3.6 s).
+    assert refusals["p50_ms"] <= 500, seen
+    assert refusals["p95_ms"] <= 2000, seen
     assert not overload["after"]["stuck"], seen
 
 
