@@ -189,16 +189,7 @@ class Bench:
                 forwards = ForwardTimes(pipe.transformer, self.device)
                 peak_reset(self.device)
                 with self.timer(e2e):
-                    image = pipe(
-                        PROMPT,
-                        negative_prompt=NEGATIVE if config["guidance"] > 0 else None,
-                        height=config["height"],
-                        width=config["width"],
-                        num_inference_steps=config["steps"],
-                        guidance_scale=config["guidance"],
-                        generator=torch.Generator("cpu").manual_seed(run),
-                        output_type="pil",
-                    ).images[0]
+                    image = stock_image(pipe, config, seed=run)
                 peaks.append(peak_bytes(self.device))
                 steps += forwards.seconds() if run else []
                 denoise.append(forwards.span())
@@ -264,7 +255,6 @@ class Bench:
         from serve_app.engine.compiling import compile_cache_stats
         from serve_app.engine.stages import StageRecorder
         from serve_app.imaging import encode_image
-        from serve_app.messages import GenerationParams
 
         start = time.perf_counter()
         encoder, denoiser = self.load_engine(path)
@@ -301,15 +291,7 @@ class Bench:
             )
         out = {}
         for config in self.configs:
-            params = GenerationParams(
-                PROMPT,
-                NEGATIVE if config["guidance"] > 0 else None,
-                config["width"],
-                config["height"],
-                config["steps"],
-                config["guidance"],
-                0,
-            )
+            params = engine_params(config)
             e2e, png, steps = [], [], []
             stages: dict[str, list[float]] = defaultdict(list)  # every stage recorded
             stage_peaks: dict[str, int] = defaultdict(int)
@@ -927,6 +909,31 @@ class Bench:
         stem = self.save()
         self.log("ratios", json.dumps(self.result["ratios"], indent=1))
         self.log("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"))
+
+
+def engine_params(config: dict):
+    """Our engine's request for PROMPT at `config`, seed 0."""
+    from serve_app.messages import GenerationParams
+
+    negative = NEGATIVE if config["guidance"] > 0 else None
+    return GenerationParams(
+        PROMPT, negative, config["width"], config["height"], config["steps"], config["guidance"], 0
+    )
+
+
+def stock_image(pipe, config: dict, seed: int):
+    """Stock ZImagePipeline's PIL image of PROMPT at `config` for `seed`, its noise drawn
+    on the CPU as our engine draws it."""
+    return pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE if config["guidance"] > 0 else None,
+        height=config["height"],
+        width=config["width"],
+        num_inference_steps=config["steps"],
+        guidance_scale=config["guidance"],
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pil",
+    ).images[0]
 
 
 def ratios(result: dict) -> dict:

@@ -104,7 +104,7 @@ class Precision:
     def reference(self, path: Path) -> None:
         from diffusers import ZImagePipeline
 
-        from load_tests.bench_gpu import NEGATIVE, PROMPT
+        from load_tests.bench_gpu import stock_image
 
         config = self.bench.configs[0]
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -113,15 +113,7 @@ class Precision:
             start = time.perf_counter()
             pipe = ZImagePipeline.from_pretrained(path, torch_dtype=torch.float32)
             pipe.to(self.device).set_progress_bar_config(disable=True)
-            image = pipe(
-                PROMPT,
-                negative_prompt=NEGATIVE if config["guidance"] > 0 else None,
-                height=config["height"],
-                width=config["width"],
-                num_inference_steps=config["steps"],
-                guidance_scale=config["guidance"],
-                generator=torch.Generator("cpu").manual_seed(0),
-            ).images[0]
+            image = stock_image(pipe, config, seed=0)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         self.bench.images["reference"][config["name"]] = np.asarray(image)
@@ -172,15 +164,16 @@ class Precision:
 
     def fp8(self, path: Path) -> None:
         """Our engine with precision fp8, as a replica runs it, at 1024x1024."""
-        from load_tests.bench_gpu import NEGATIVE, PROMPT
+        from load_tests.bench_gpu import engine_params
         from serve_app.engine.compiling import compile_cache_stats
         from serve_app.engine.stages import StageRecorder
-        from serve_app.messages import GenerationParams
 
         torch._dynamo.reset()  # the bf16 engine's compiled code, gone with it
         before = compile_cache_stats()
         start = time.perf_counter()
-        encoder, denoiser = self.bench.load_engine(path, precision="fp8")
+        # The CPU smoke run has no float8: it runs this phase's code in the default one.
+        precision = "default" if self.args.tiny else "fp8"
+        encoder, denoiser = self.bench.load_engine(path, precision=precision)
         loaded = time.perf_counter() - start
         encoder.warmup()
         sizes = sorted({(c["width"], c["height"]) for c in self.configs})
@@ -200,15 +193,7 @@ class Precision:
         self.log("fp8 setup", out["setup"])
         for config in self.configs:
             name = config["name"]
-            params = GenerationParams(
-                PROMPT,
-                NEGATIVE if config["guidance"] > 0 else None,
-                config["width"],
-                config["height"],
-                config["steps"],
-                config["guidance"],
-                0,
-            )
+            params = engine_params(config)
             self.bench.keep_latents(denoiser, self.bench.latents, f"fp8:{name}")
             e2e, steps = [], []
             for run in range(self.args.runs + 1):

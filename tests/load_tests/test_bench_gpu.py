@@ -16,7 +16,7 @@ def test_harness_smoke_run(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "load_tests.bench_gpu", "--tiny", "--device", "cpu",
          "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "reference", "stock",
-         "engine", "sweep", "service", "fp8_eager", "profile_24gb", "sdxl", "lora",
+         "engine", "sweep", "service", "fp8_eager", "fp8", "profile_24gb", "sdxl", "lora",
          "--service-parts", "configs", "throughput", "vram_table", "cancellations",
          "--disconnects", "4", "--keep-going"],
         cwd=ROOT,
@@ -50,9 +50,11 @@ def test_harness_smoke_run(tmp_path):
     assert "compute capability" in result["failed_phases"]["fp8_eager"]
     # Every path's image of seed 0 against stock's (float32 on a CPU: the same math).
     equivalence = result["equivalence"]
-    for path in ("engine", "service", "profile_24gb"):
+    for path in ("engine", "service", "fp8", "profile_24gb"):
         row = equivalence[path]["1024-turbo"]
         assert row["vs_stock_bf16"]["max_abs"] <= 1, (path, row)
+    # (the fp8 phase ran in the default precision here: its latents are the engine's)
+    assert equivalence["fp8"]["1024-turbo"]["latents_rel_l2_vs_bf16_engine"] < 1e-6
     assert equivalence["service"]["1024-turbo"]["within_tolerance"] is True
     profile = result["profile_24gb"]
     assert profile["concurrent"]["statuses"] == {"200": profile["concurrent"]["requests"]}
