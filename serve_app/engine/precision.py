@@ -12,8 +12,10 @@ FP8_CAPABILITY = (8, 9)
 
 def quantize_fp8(model: torch.nn.Module, targets: str, device: torch.device) -> int:
     """In place: every nn.Linear of `model` whose qualified name matches `targets` (a
-    regular expression, matched in full) becomes a float8 linear layer. Call on the
-    device, before compiling. Returns how many layers changed.
+    regular expression, matched in full) becomes a float8 linear layer, and the model
+    moves to `device` (a layer at a time, each quantised there: the bf16 model never
+    needs the device's memory whole). Call before compiling. Returns how many layers
+    changed.
 
     Raises:
         ValueError: the device cannot run float8 matrix products, or nothing matched.
@@ -48,5 +50,6 @@ def quantize_fp8(model: torch.nn.Module, targets: str, device: torch.device) -> 
         model,
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
         filter_fn=lambda module, name: name in chosen,
+        device=device,
     )
     return len(chosen)

@@ -119,8 +119,8 @@ class ZImageDenoiser(Denoiser):
             path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
         )
         prepare_transformer(transformer, attention_backend, options.fuse_projections)
-        if fp8:  # on the device, before compiling: the float8 layers compile as they run
-            quantize_fp8(transformer.to(device), FP8_TARGETS, device)
+        if fp8:  # before compiling: the float8 layers compile as they run
+            quantize_fp8(transformer, FP8_TARGETS, device)
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )
