@@ -1074,7 +1074,8 @@ def main() -> None:
         "--graphs",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Z-Image's CUDA graphs (options.cuda_graphs; default: on, as served)",
+        help="Z-Image's CUDA graphs (options.cuda_graphs, which the service leaves off until "
+        "measured; default here: on)",
     )
     parser.add_argument(
         "--keep-going",

@@ -58,7 +58,8 @@ class Options(BaseModel):
             Not with LoRA adapters (they merge into the weights).
         cuda_graphs: replay a step without guidance from a CUDA graph, one per
             warm-up size and padded caption length (GRAPH_CAPTION_TOKENS), captured
-            during the warm-up; other steps run as called. On CUDA only.
+            during the warm-up; other steps run as called. On CUDA only. Off by default
+            until a GPU run has measured it (`make bench` turns it on: --graphs).
         fuse_projections: one GEMM for each attention's q, k, v projections and one for
             each feed-forward's w1, w3; same math, same weight memory. Measured no faster
             (*levers-3*); not with LoRA, whose adapters sit on the separate layers.
@@ -67,7 +68,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     precision: Literal["default", "fp8"] = "default"
-    cuda_graphs: bool = True
+    cuda_graphs: bool = False
     fuse_projections: bool = False
 
 

@@ -96,11 +96,14 @@ class Replays(CudaGraphs):
 def test_graphed_steps_draw_what_unreplayed_steps_draw(tiny_path, encoder):
     """Steps without guidance replay the warm-up's captures for their padded caption
     length; prompts and seeds other than the warm-up's draw what they draw without."""
-    from serve_app.engine.zimage import ZImageDenoiser
+    from serve_app.engine.zimage import Options, ZImageDenoiser
     from serve_app.engine.zimage.denoiser import GRAPH_CAPTION_TOKENS
 
-    den = ZImageDenoiser.from_pretrained(tiny_path, torch.device("cpu"), torch.float32)
-    assert den.graphs is None  # cuda_graphs is on, but there are no graphs on a CPU
+    graphs = Options(cuda_graphs=True)
+    den = ZImageDenoiser.from_pretrained(
+        tiny_path, torch.device("cpu"), torch.float32, options=graphs
+    )
+    assert den.graphs is None  # there are no CUDA graphs on a CPU
     den.graphs = Replays(den.device)
     den.warmup([(256, 256)])
     captured = {key[0] for key in den.graphs._graphs}
