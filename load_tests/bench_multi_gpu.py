@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +46,7 @@ import yaml
 from deploy.layout import SOURCE, adapt, cards, model_ids, most_replicas, pin_denoiser
 from load_tests.loadtest import percentiles
 from load_tests.local_service import APP, ROOT, deployment_config, local_service
+from load_tests.sampling import Periodic
 from load_tests.traffic import PATH
 
 # Model id in the config -> the preset measured. The family's checkpoint is written at
@@ -111,17 +111,14 @@ def card_summary(samples: list[list[dict]]) -> list[dict]:
     return out
 
 
-class CardSampler:
+class CardSampler(Periodic):
     """Every card's memory and utilisation from nvidia-smi, read every `every_s` on a
     thread while the block runs. Where there is no nvidia-smi (a CPU run), it reads
     nothing: `available` is False and every summary empty."""
 
     def __init__(self, every_s: float = 0.5):
-        self.every_s = every_s
         self.available = shutil.which(SMI[0]) is not None
-        self.samples: list[tuple[float, list[dict]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        super().__init__(self.read, every_s if self.available else 0)
 
     def read(self) -> list[dict]:
         if not self.available:
@@ -132,24 +129,9 @@ class CardSampler:
             return []
         return parse_smi(out.stdout)
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.read()))
-            self._stop.wait(self.every_s)
-
     def between(self, start: float, end: float) -> list[dict]:
         """card_summary of the readings taken from `start` to `end` (time.monotonic)."""
         return card_summary([rows for t, rows in self.samples if start <= t <= end and rows])
-
-    def __enter__(self) -> "CardSampler":
-        if self.available:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # --- figures from the measurements ------------------------------------------------

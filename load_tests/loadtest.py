@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,6 +36,7 @@ import httpx
 import psutil
 
 from load_tests import scenarios, traffic
+from load_tests.sampling import Periodic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "load_tests" / "results"
@@ -281,29 +281,6 @@ def stuck_check(url: str, models: list[str], drain_s: float, fresh_s: float) -> 
 # --- one scenario ---------------------------------------------------------------------
 
 
-class Sampler:
-    """Samples memory() every `every_s` seconds in a thread, while in a `with` block."""
-
-    def __init__(self, url: str, app: str, every_s: float):
-        self.url, self.app, self.every_s, self.samples = url, app, every_s, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.samples.append(memory(self.url, self.app))
-
-    def __enter__(self):
-        if self.every_s > 0:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
 def run_locust(args, url: str, scenario: str, capacity: float, duration: float, raw: Path):
     """Run the locustfile headless in a subprocess: its records, the lateness of its
     event loop (samples, s) and how long it ran."""
@@ -370,7 +347,7 @@ def run_scenario(
         duration = args.duration or scenarios.DEFAULT_DURATION_S[scenario]
     start_memory = memory(url, args.app)
     before = service_outcomes(metrics_url) if metrics_url else None
-    with Sampler(url, args.app, args.sample_every) as sampler:
+    with Periodic(lambda: memory(url, args.app), args.sample_every) as sampler:
         records, lags, took = run_locust(args, url, scenario, capacity, duration, raw)
     section = {
         "scenario": scenario,
@@ -388,7 +365,7 @@ def run_scenario(
     section["memory"] = {
         "start": start_memory,
         "end": memory(url, args.app),
-        "samples": sampler.samples,
+        "samples": [reading for _, reading in sampler.samples],
     }
     if metrics_url:
         after = settled_outcomes(metrics_url, args.metrics_settle)

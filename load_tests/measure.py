@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from load_tests.sampling import Periodic
+
 
 def device_facts(device: torch.device) -> dict:
     import diffusers
@@ -199,15 +201,22 @@ def peak_bytes(device: torch.device) -> int:
     return 0
 
 
-class CardMemory:
+class CardMemory(Periodic):
     """The whole card's used memory, every process and CUDA context included, as
     nvidia-smi reports it, sampled on a thread while the block runs: the peak and the
     last reading (MiB). Zeros where there is no nvidia-smi (a CPU run)."""
 
     def __init__(self, device: torch.device, every_s: float = 0.2):
-        self.device, self.every_s = device, every_s
-        self.peak_mib = self.last_mib = 0
-        self._stop = None
+        self.device = device
+        super().__init__(self.read, every_s)
+
+    @property
+    def peak_mib(self) -> int:
+        return max((mib for _, mib in self.samples), default=0)
+
+    @property
+    def last_mib(self) -> int:
+        return self.samples[-1][1] if self.samples else 0
 
     def read(self) -> int:
         if self.device.type != "cuda":
@@ -222,22 +231,3 @@ class CardMemory:
         except (OSError, subprocess.SubprocessError):
             return 0
         return int(out.strip().splitlines()[0])
-
-    def __enter__(self) -> "CardMemory":
-        import threading
-
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.last_mib = self.read()
-                self.peak_mib = max(self.peak_mib, self.last_mib)
-                self._stop.wait(self.every_s)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
