@@ -184,21 +184,20 @@ class Bench:
                 self.device,
                 before=lambda into=before_decode: into.append(peak_bytes(self.device)),
             )
-            card = CardMemory(self.device).__enter__()
-            for run in range(self.args.runs + 1):
-                forwards = ForwardTimes(pipe.transformer, self.device)
-                peak_reset(self.device)
-                with self.timer(e2e):
-                    image = stock_image(pipe, config, seed=run)
-                peaks.append(peak_bytes(self.device))
-                steps += forwards.seconds() if run else []
-                denoise.append(forwards.span())
-                forwards.remove()
-                if run == 0:  # warm-up, seed 0
-                    for kept in (e2e, encode, decode, denoise, peaks, before_decode):
-                        kept.clear()
-                    self.images["stock"][config["name"]] = np.asarray(image)
-            card.__exit__()
+            with CardMemory(self.device) as card:
+                for run in range(self.args.runs + 1):
+                    forwards = ForwardTimes(pipe.transformer, self.device)
+                    peak_reset(self.device)
+                    with self.timer(e2e):
+                        image = stock_image(pipe, config, seed=run)
+                    peaks.append(peak_bytes(self.device))
+                    steps += forwards.seconds() if run else []
+                    denoise.append(forwards.span())
+                    forwards.remove()
+                    if run == 0:  # warm-up, seed 0
+                        for kept in (e2e, encode, decode, denoise, peaks, before_decode):
+                            kept.clear()
+                        self.images["stock"][config["name"]] = np.asarray(image)
             undo_enc(), undo_dec()
             step_s = statistics.median(steps)
             out[config["name"]] = {
