@@ -129,7 +129,8 @@ class ModelSettings(BaseModel):
             checkpoint's own `loras/` folder, if it has one; null: no adapters.
         lora: how adapters are served (see LoraSettings).
         options: the family's own settings, checked by the family when replicas start
-            (zimage: precision, cuda_graphs, fuse_projections; sdxl: cuda_graphs).
+            (zimage: precision, cuda_graphs, fuse_projections, split_guidance; sdxl:
+            cuda_graphs).
         memory: the replicas' memory caps and the Denoiser's budget (see
             MemorySettings).
         requests_per_replica: requests the whole service takes in at once for this

@@ -28,6 +28,14 @@ def configure_dynamo() -> None:
     )
 
 
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation of a diffusers model's repeated blocks, with dynamic shapes:
+    one compilation serves every size, prompt length and batch; the first calls compile.
+    Every copy of a model is compiled through here, so that all compile alike."""
+    configure_dynamo()
+    model.compile_repeated_blocks(fullgraph=True, dynamic=True)
+
+
 def use_compile_cache(folder: Path) -> None:
     """Keep this process's compilation caches in `folder`: inductor's compiled graphs,
     AOTAutograd's, and Triton's kernels with their autotuning, all of which inductor

@@ -12,7 +12,7 @@ import torch
 
 from serve_app.engine import loop
 from serve_app.engine.cancel import CancelToken
-from serve_app.engine.compiling import configure_dynamo
+from serve_app.engine.compiling import compile_blocks
 from serve_app.engine.graphs import CudaGraphs
 from serve_app.engine.lora import Adapter, FusedLora, LoraFamily, LoraSlots, read_adapter
 from serve_app.engine.stages import StageRecorder
@@ -129,8 +129,7 @@ class Denoiser:
         elif lora is not None:
             target = FusedLora(model, targets, lora.slots, lora.max_rank)
         if compile:
-            configure_dynamo()
-            model.compile_repeated_blocks(fullgraph=True, dynamic=True)
+            compile_blocks(model)
             vae.decoder.compile(dynamic=True)
         return target
 

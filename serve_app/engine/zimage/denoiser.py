@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from serve_app.engine.denoiser import Denoiser, LoraOptions
 from serve_app.engine.lora import LoraFamily
 from serve_app.engine.precision import quantize_fp8
+from serve_app.engine.split_guidance import SplitGuidance, second_device
 from serve_app.engine.zimage.encoder import uses_guidance
 from serve_app.engine.zimage.transformer import forward, invariants, prepare_transformer
 from serve_app.messages import GenerationParams
@@ -63,6 +64,14 @@ class Options(BaseModel):
         fuse_projections: one GEMM for each attention's q, k, v projections and one for
             each feed-forward's w1, w3; same math, same weight memory. Measured no faster
             (*levers-3*); not with LoRA, whose adapters sit on the separate layers.
+        split_guidance: run a guided step's conditional and unconditional passes at
+            once, on the replica's card and on a second copy of the transformer on a
+            second card (serve_app/engine/split_guidance.py; the VAE stays on the
+            first). On CUDA the replica needs two cards (its Denoiser's `num_gpus: 2`;
+            deploy.check holds a config to that); on a CPU the copy is a second CPU one.
+            Steps without guidance are unchanged. Not with LoRA adapters (they apply to
+            the first copy only). Unmeasured so far: `python -m
+            load_tests.bench_multi_gpu --split-guidance`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +79,7 @@ class Options(BaseModel):
     precision: Literal["default", "fp8"] = "default"
     cuda_graphs: bool = False
     fuse_projections: bool = False
+    split_guidance: bool = False
 
 
 class ZImageDenoiser(Denoiser):
@@ -80,6 +90,7 @@ class ZImageDenoiser(Denoiser):
     lora_family = LORA
     presets = PRESETS
     default_preset = DEFAULT_PRESET
+    split: SplitGuidance | None = None  # the second copy, with options.split_guidance
 
     @property
     def transformer(self):
@@ -116,12 +127,23 @@ class ZImageDenoiser(Denoiser):
                 "precision fp8 excludes LoRA adapters (they merge into the weights, which "
                 "are float8) and fuse_projections: set lora_dir: null for this model"
             )
-        transformer = ZImageTransformer2DModel.from_pretrained(
-            path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
-        )
-        prepare_transformer(transformer, attention_backend, options.fuse_projections)
-        if fp8:  # before compiling: the float8 layers compile as they run
-            quantize_fp8(transformer, FP8_TARGETS, device)
+        if options.split_guidance and lora is not None:
+            raise ValueError(
+                "split_guidance excludes LoRA adapters (they would apply to one of the "
+                "transformer's two copies): set lora_dir: null for this model"
+            )
+        second = second_device(device) if options.split_guidance else None
+
+        def load_transformer(on: torch.device):
+            transformer = ZImageTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+            )
+            prepare_transformer(transformer, attention_backend, options.fuse_projections)
+            if fp8:  # before compiling: the float8 layers compile as they run
+                quantize_fp8(transformer, FP8_TARGETS, on)
+            return transformer
+
+        transformer = load_transformer(device)
         vae = AutoencoderKL.from_pretrained(
             path, subfolder="vae", torch_dtype=dtype, local_files_only=True
         )
@@ -129,6 +151,8 @@ class ZImageDenoiser(Denoiser):
         scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")
         den = cls(transformer, vae, scheduler_config, device, slots)
         den.use_graphs(options.cuda_graphs)
+        if second is not None:  # read again, so that fp8 quantises it on its own card
+            den.split = SplitGuidance(load_transformer(second), second, compile)
         return den
 
     @property
@@ -177,14 +201,34 @@ class ZImageDenoiser(Denoiser):
         """
         return ZImageSampling(self, params, embeddings, sigmas)
 
-    def _step(self, latents, t, sigmas, i, cap_feats, params, cache) -> torch.Tensor:
-        n = params.num_images
-        guided = uses_guidance(params)
-        timestep = (1000 - t.expand(n)) / 1000
-        model_input = latents.to(self.transformer.dtype)
-        if guided:
-            model_input = model_input.repeat(2, 1, 1, 1)
-            timestep = timestep.repeat(2)
+    def _step(self, s: "ZImageSampling", i: int) -> torch.Tensor:
+        n, params = s.num_images, s.params
+        timestep = (1000 - s.timesteps[i].expand(n)) / 1000
+        model_input = s.latents.to(self.transformer.dtype)
+        if not uses_guidance(params):
+            noise_pred = self._graphed_forward(model_input, timestep, s.cap_feats, s.cache)
+        elif self.split is None:  # one batch of 2: not graphed, which keeps the graphs'
+            # pool to batch 1's size
+            out = _forward(
+                self.transformer, model_input.repeat(2, 1, 1, 1), timestep.repeat(2),
+                s.cap_feats, s.cache,
+            )  # fmt: skip
+            noise_pred = _guided(out[:n], out[n:], params.guidance_scale)
+        else:
+            pos, neg = self.split.run(
+                lambda: _forward(self.transformer, model_input, timestep, s.cap_feats, s.cache),
+                lambda x, t: _forward(self.split.model, x, t, s.negative_feats, s.negative_cache),
+                model_input,
+                timestep,
+            )
+            noise_pred = _guided(pos, neg, params.guidance_scale)
+        # The model predicts the negated velocity; Euler step x += (sigma_next - sigma) * v.
+        noise_pred = -noise_pred.float().squeeze(2)
+        return s.latents + (s.sigmas[i + 1] - s.sigmas[i]) * noise_pred
+
+    def _graphed_forward(self, model_input, timestep, cap_feats, cache) -> torch.Tensor:
+        """A step's forward without guidance, replayed from its CUDA graph where the
+        warm-up captured one (see Denoiser.graphed)."""
         if not cache:
             cache.update(invariants(self.transformer, list(model_input.unsqueeze(2)), cap_feats))
         # The cache's tensors are inputs of a graph (copied in at each replay); its other
@@ -192,23 +236,23 @@ class ZImageDenoiser(Denoiser):
         tensors = {k: v for k, v in cache.items() if isinstance(v, torch.Tensor)}
 
         def transformer(model_input, timestep, *values):
-            images = list(model_input.unsqueeze(2).unbind(dim=0))
             step_cache = {**cache, **dict(zip(tensors, values, strict=True))}
-            return torch.stack(forward(self.transformer, images, timestep, cap_feats, step_cache))
+            return _forward(self.transformer, model_input, timestep, cap_feats, step_cache)
 
-        if guided:  # batch 2: not graphed, which keeps the graphs' pool to batch 1's size
-            out = transformer(model_input, timestep, *tensors.values())
-        else:
-            key = f"transformer:{cache['cap_seqlens']}"
-            out = self.graphed(key, transformer, model_input, timestep, *tensors.values())
-        if guided:
-            pos, neg = out[:n].float(), out[n:].float()
-            noise_pred = pos + params.guidance_scale * (pos - neg)
-        else:
-            noise_pred = out.float()
-        # The model predicts the negated velocity; Euler step x += (sigma_next - sigma) * v.
-        noise_pred = -noise_pred.squeeze(2)
-        return latents + (sigmas[i + 1] - sigmas[i]) * noise_pred
+        key = f"transformer:{cache['cap_seqlens']}"
+        return self.graphed(key, transformer, model_input, timestep, *tensors.values())
+
+
+def _forward(transformer, model_input, timestep, cap_feats, cache) -> torch.Tensor:
+    """transformer.forward on a batch [images, channels, h, w] (one caption each)."""
+    images = list(model_input.unsqueeze(2).unbind(dim=0))
+    return torch.stack(forward(transformer, images, timestep, cap_feats, cache))
+
+
+def _guided(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance's prediction from the conditional and unconditional ones."""
+    pos, neg = pos.float(), neg.float()
+    return pos + scale * (pos - neg)
 
 
 class ZImageSampling:
@@ -219,10 +263,15 @@ class ZImageSampling:
         device, dtype = den.device, den.transformer.dtype
         steps = params.num_inference_steps
 
-        # 1. Prompt embeddings, one per image (and the negatives after them, for guidance)
+        # 1. Prompt embeddings, one per image (and the negatives after them, for guidance;
+        #    with split guidance, the negatives on the second copy's device apart)
         prompt = embeddings["prompt"].to(device, dtype=dtype)
         self.cap_feats = [prompt] * params.num_images
-        if uses_guidance(params):
+        if uses_guidance(params) and den.split is not None:
+            negative = embeddings["negative"].to(den.split.device, dtype=dtype)
+            self.negative_feats = [negative] * params.num_images
+            self.negative_cache: dict = {}  # the second pass's own; see transformer.forward
+        elif uses_guidance(params):
             negative = embeddings["negative"].to(device, dtype=dtype)
             self.cap_feats = self.cap_feats + [negative] * params.num_images
 
@@ -262,9 +311,7 @@ class ZImageSampling:
         return self.sigma_values[i + 1] == self.sigma_values[i]
 
     def step(self, i: int) -> None:
-        self.latents = self.den._step(
-            self.latents, self.timesteps[i], self.sigmas, i, self.cap_feats, self.params, self.cache
-        )
+        self.latents = self.den._step(self, i)
 
     def decode(self, k: int) -> torch.Tensor:
         return self.den.vae.decode(self.den.to_vae(self.latents[k : k + 1]), return_dict=False)[0]
