@@ -65,7 +65,8 @@ def unknown_keys(model: type[BaseModel], data, where: str) -> list[str]:
 def check(config: dict) -> list[str]:
     """Every problem of a Serve config (empty: none): Ray's own validation, keys no
     schema defines, the app's args against AppConfig, deployments the app does not have
-    and models with no deployments configured."""
+    models with no deployments configured, and a split-guidance model's Denoiser not
+    on 2 GPUs."""
     from ray.serve.schema import ServeDeploySchema
 
     from serve_app.config import AppConfig
@@ -95,6 +96,26 @@ def check(config: dict) -> list[str]:
             "and replicas would be the code's defaults)"
             for d in sorted(known - configured - set(APP_DEPLOYMENTS))
         ]
+        problems += split_guidance_problems(app, args)
+    return problems
+
+
+def split_guidance_problems(app: dict, args) -> list[str]:
+    """A model with `options.split_guidance` runs each Denoiser replica on two cards (the
+    transformer's second copy on the other): its Denoiser must ask for exactly 2 GPUs."""
+    problems = []
+    deployments = {d.get("name"): d for d in app.get("deployments", [])}
+    for model in args.models:
+        if model.options.get("split_guidance") is not True:
+            continue
+        denoiser = model.deployment_names()[1]
+        gpus = (deployments.get(denoiser, {}).get("ray_actor_options") or {}).get("num_gpus")
+        if gpus != 2:
+            problems.append(
+                f"application {app.get('name', '?')}: model {model.id!r} has "
+                f"options.split_guidance, so {denoiser} needs ray_actor_options.num_gpus: 2 "
+                f"(its own card and the second copy's), not {gpus}"
+            )
     return problems
 
 

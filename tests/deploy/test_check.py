@@ -110,3 +110,28 @@ def test_the_24gb_profile_keeps_3_gib_of_its_card_spare():
     assert model.lora_dir is None and model.warmup_sizes == ["1024x1024"]
     caps = model.memory.encoder_cap_bytes + model.memory.cap_bytes
     assert caps + 2 * 2**29 <= (24 - 3) * 2**30
+
+
+@pytest.mark.parametrize("gpus", [None, 1, 0.75, 2])
+def test_a_split_guidance_denoiser_must_ask_for_two_gpus(gpus):
+    """Split guidance keeps a second copy of the transformer on the replica's second card."""
+    config = load("serve_config.multi_gpu.yaml")
+    config["applications"][0]["args"]["models"][0]["options"] = {"split_guidance": True}
+    options = deployment(config, "Denoiser-zimage")["ray_actor_options"]
+    options.pop("num_gpus")
+    if gpus is not None:
+        options["num_gpus"] = gpus
+    problems = check(config)
+    if gpus == 2:
+        assert problems == []
+    else:
+        assert len(problems) == 1, problems
+        assert "model 'zimage' has options.split_guidance" in problems[0]
+        assert "Denoiser-zimage needs ray_actor_options.num_gpus: 2 (" in problems[0]
+        assert problems[0].endswith(f"not {gpus}")
+
+
+def test_split_guidance_off_asks_nothing_of_the_gpus():
+    config = load("serve_config.multi_gpu.yaml")
+    config["applications"][0]["args"]["models"][0]["options"] = {"split_guidance": False}
+    assert check(config) == []
