@@ -20,9 +20,14 @@ encoder would become the bottleneck.
     python -m load_tests.bench_multi_gpu                             # on a multi-GPU machine
     python -m load_tests.bench_multi_gpu --models sdxl --append      # a second call, same file
     python -m load_tests.bench_multi_gpu --tiny --gpus 3 --num-cpus 16 --out /tmp/b  # CPU smoke
+    python -m load_tests.bench_multi_gpu --split-guidance --append   # split guidance alone
 
 On a CPU, --gpus declares logical GPUs to Ray and the tiny models run on the CPU
 (tests/load_tests/test_bench_multi_gpu.py).
+
+--split-guidance measures instead, engine-level in this process (no Ray), one guided
+Z-Image request on one GPU and with classifier-free guidance split over cuda:0 and
+cuda:1 (load_tests/bench_split_guidance.py), into the results file's `split_guidance`.
 """
 
 import argparse
@@ -323,6 +328,8 @@ class MultiGpuBench:
                     f"{self.stem()}.json is of {earlier['gpus']} GPUs, not {self.gpus}"
                 )
             self.result["models"] = earlier["models"]
+            if "split_guidance" in earlier:
+                self.result["split_guidance"] = earlier["split_guidance"]
         self.cards = CardSampler()
         self.result["env"]["nvidia_smi"] = self.cards.available
 
@@ -361,7 +368,6 @@ class MultiGpuBench:
         the tiny one), its adapter folder, the one size measured warmed up, and room for
         every client of the highest level at one Denoiser replica (the baseline)."""
         from load_tests.checkpoints import save_full_sdxl, save_full_zimage
-        from serve_app.engine import checkpoint
 
         settings = {
             "id": model,
@@ -371,7 +377,7 @@ class MultiGpuBench:
             "lora_dir": None,
         }
         if self.args.tiny:
-            path = checkpoint.resolve({"zimage": "tiny", "sdxl": "tiny-sdxl"}[model])[0]
+            path = checkpoint_path({"zimage": "tiny", "sdxl": "tiny-sdxl"}[model])
         elif model == "zimage":
             path = in_child(save_full_zimage, self.args.checkpoint, "cuda")
         else:
@@ -445,6 +451,21 @@ class MultiGpuBench:
         out.update(model_figures(out["phases"], model, encoder))
         self.log(model, "saturated", out["saturated"], "efficiency", out["scaling_efficiency"])
         self.log(model, "encoder limit", out["encoder_limit"])
+
+    def measure_split_guidance(self) -> dict:
+        """Split guidance's phase (load_tests/bench_split_guidance.py) on this machine's
+        first two CUDA devices, or skipped with its reason."""
+        from load_tests import bench_split_guidance  # torch: not for the serving phases
+
+        if self.args.tiny:
+            path = checkpoint_path("tiny")
+        elif bench_split_guidance.skip_reason(self.result["env"]["cuda_devices"], False):
+            path = None  # skipped: no checkpoint written for nothing
+        else:
+            from load_tests.checkpoints import save_full_zimage
+
+            path = in_child(save_full_zimage, self.args.checkpoint, "cuda")
+        return bench_split_guidance.measure(path, self.args.runs, self.args.tiny, self.log)
 
     def redeploy(self, config: dict, model: str, replicas: int, workdir: Path) -> None:
         """Apply `config` to the running app in place (Serve keeps the replicas it has:
@@ -525,11 +546,14 @@ class MultiGpuBench:
 
     def run(self) -> None:
         self.log("env", self.result["env"], "levels", self.levels)
-        with self.cards:
-            for model in self.args.models:
-                self.result["models"].pop(model, None)
-                self.measure_model(model)
-                self.save()
+        if self.args.split_guidance:
+            self.result["split_guidance"] = self.measure_split_guidance()
+        else:
+            with self.cards:
+                for model in self.args.models:
+                    self.result["models"].pop(model, None)
+                    self.measure_model(model)
+                    self.save()
         measured = [m for m in PRESETS if m in self.result["models"]]
         if measured:  # the default model's, Z-Image's where it was measured
             model = measured[0]
@@ -537,6 +561,13 @@ class MultiGpuBench:
             self.result["scaling_efficiency_model"] = model
         stem = self.save()
         self.log("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"))
+
+
+def checkpoint_path(model: str) -> Path:
+    """The folder of an embedded model ("tiny", "tiny-sdxl"), generated on first use."""
+    from serve_app.engine import checkpoint
+
+    return checkpoint.resolve(model)[0]
 
 
 def in_child(fn, *args):
@@ -596,6 +627,10 @@ def markdown(result: dict) -> str:
     ]
     for model, m in result["models"].items():
         lines += model_markdown(model, m)
+    if "split_guidance" in result:
+        from load_tests.bench_split_guidance import markdown as split_markdown
+
+        lines += split_markdown(result["split_guidance"])
     return "\n".join(lines) + "\n"
 
 
@@ -723,6 +758,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ingress-max-replicas", type=int, help="cap the Ingress's autoscaling")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--commit", default="")
+    parser.add_argument(
+        "--split-guidance", action="store_true",
+        help="measure split guidance instead (load_tests/bench_split_guidance.py; no Ray)",
+    )  # fmt: skip
+    parser.add_argument("--runs", type=int, default=5, help="--split-guidance's runs an engine")
     args = parser.parse_args(argv)
     if args.gpus is None:
         import torch

@@ -216,3 +216,43 @@ def test_harness_smoke_run_on_one_logical_gpu(tmp_path):
     assert set(phase["levels"]) == {"1", "4", "16"}
     assert all(level["images_per_s"] > 0 for level in phase["levels"].values())
     assert m["encoder_limit"]["measured_requests_per_s"] == m["saturated"]["1"]["images_per_s"]
+
+
+def test_split_guidance_is_skipped_without_two_cuda_devices():
+    from load_tests.bench_split_guidance import markdown, skip_reason
+
+    assert skip_reason(2, tiny=False) is None and skip_reason(8, tiny=False) is None
+    assert skip_reason(0, tiny=True) is None  # the CPU smoke run: two CPU copies
+    for cuda_devices, tiny in ((1, False), (1, True), (0, False)):
+        reason = skip_reason(cuda_devices, tiny)
+        assert reason == f"split guidance needs 2 CUDA devices; {cuda_devices} visible here"
+    section = {"request": {"width": 1024, "height": 1024, "steps": 9, "guidance": 5.0},
+               "skipped": skip_reason(1, False)}  # fmt: skip
+    assert markdown(section)[-1] == "Skipped: split guidance needs 2 CUDA devices; 1 visible here."
+
+
+def test_split_guidance_phase_smoke_run_on_the_cpu(tmp_path):
+    """--split-guidance with the tiny model, in this process: both engines on the CPU (the
+    split one's second copy a CPU copy), what the results file says of them, and the
+    split image equal to the one-device image within float32 roundings."""
+    from load_tests.bench_multi_gpu import main
+
+    main(["--split-guidance", "--tiny", "--gpus", "2", "--runs", "2", "--out", str(tmp_path)])
+    [result_file] = tmp_path.glob("cpu-x2-*-multi-gpu.json")
+    result = json.loads(result_file.read_text())
+    assert result["models"] == {} and result["scaling_efficiency"] is None
+    split = result["split_guidance"]
+    assert split["skipped"] is None and split["request"]["guidance"] == 5.0
+    assert split["one_gpu"]["devices"] == ["cpu"] and split["split"]["devices"] == ["cpu", "cpu"]
+    for name in ("one_gpu", "split"):
+        latency = split[name]["latency"]
+        assert latency["n"] == 2 and 0 < latency["p50_ms"] <= latency["p95_ms"]
+        assert split[name]["step_ms_p50"] > 0
+    ratio = split["split"]["latency"]["p50_ms"] / split["one_gpu"]["latency"]["p50_ms"]
+    assert split["ratio_p50"] == round(ratio, 3)
+    assert split["meets_target"] == (split["ratio_p50"] <= 0.6)
+    eq = split["equivalence"]
+    assert eq["latents_rel_l2"] <= 1e-5 and eq["max_abs"] <= 1
+    report = result_file.with_suffix(".md").read_text()
+    assert "## Split guidance: Z-Image 256x256, 2 steps, guidance 5.0" in report
+    assert f"Split / one GPU: p50 {split['ratio_p50']}x" in report
