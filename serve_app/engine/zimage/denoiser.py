@@ -207,8 +207,8 @@ class ZImageDenoiser(Denoiser):
         model_input = s.latents.to(self.transformer.dtype)
         if not uses_guidance(params):
             noise_pred = self._graphed_forward(model_input, timestep, s.cap_feats, s.cache)
-        elif self.split is None:  # one batch of 2: not graphed, which keeps the graphs'
-            # pool to batch 1's size
+        elif self.split is None:
+            # One batch of 2, not graphed: the graphs' pool stays at batch 1's size.
             out = _forward(
                 self.transformer, model_input.repeat(2, 1, 1, 1), timestep.repeat(2),
                 s.cap_feats, s.cache,
