@@ -10,7 +10,10 @@ from serve_app.config import MemorySettings, ModelSettings
 def cap_memory(settings: ModelSettings, encoder: bool = False) -> int | None:
     """Cap this process's share of its GPU, before anything loads: a Denoiser's at
     `memory.fraction` or `memory.cap_bytes`, a PromptEncoder's (`encoder`) at
-    `memory.encoder_cap_bytes`. Returns the cap in bytes; None for none, or on a CPU."""
+    `memory.encoder_cap_bytes`. The same cap holds on every card the process sees: a
+    replica given two (a Z-Image Denoiser with split guidance keeps its transformer's
+    second copy on its second card) is held to it on both. Returns the cap in bytes;
+    None for none, or on a CPU."""
     memory = settings.memory
     if encoder:
         fraction, cap = None, memory.encoder_cap_bytes
@@ -26,14 +29,17 @@ def cap_memory(settings: ModelSettings, encoder: bool = False) -> int | None:
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    cap = cap or int(total * fraction)
-    if cap > total:
-        raise ValueError(
-            f"model {settings.id!r}: a memory cap of {cap / 2**30:.1f} GiB is more than "
-            f"the card's {total / 2**30:.1f} GiB"
-        )
-    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    cards = [index, *(i for i in range(torch.cuda.device_count()) if i != index)]
+    totals = {i: torch.cuda.get_device_properties(i).total_memory for i in cards}
+    cap = cap or int(totals[index] * fraction)
+    for i, total in totals.items():
+        if cap > total:
+            raise ValueError(
+                f"model {settings.id!r}: a memory cap of {cap / 2**30:.1f} GiB is more "
+                f"than card {i}'s {total / 2**30:.1f} GiB"
+            )
+    for i, total in totals.items():
+        torch.cuda.set_per_process_memory_fraction(cap / total, i)
     return cap
 
 
