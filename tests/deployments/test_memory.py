@@ -19,13 +19,13 @@ def cards(monkeypatch):
     """Two visible cards of the given sizes; returns {card: fraction set}."""
     sizes = {0: 80 * GIB, 1: 80 * GIB}
     fractions: dict[int, float] = {}
-    fake = types.SimpleNamespace(
-        current_device=lambda: 0,
-        device_count=lambda: len(sizes),
-        get_device_properties=lambda i: types.SimpleNamespace(total_memory=sizes[i]),
-        set_per_process_memory_fraction=lambda f, i: fractions.__setitem__(i, f),
-    )
-    monkeypatch.setattr(torch, "cuda", fake)
+    for name, fake in {
+        "current_device": lambda: 0,
+        "device_count": lambda: len(sizes),
+        "get_device_properties": lambda i: types.SimpleNamespace(total_memory=sizes[i]),
+        "set_per_process_memory_fraction": lambda f, i: fractions.__setitem__(i, f),
+    }.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
     monkeypatch.setattr(serve_app.engine, "pick_device", lambda _: torch.device("cuda"))
     return sizes, fractions
 
