@@ -165,8 +165,17 @@ def strict_app(checkpoint: Path) -> dict:
     )  # fmt: skip
 
 
+# T2I_TEST_HAPROXY=1: the session's cluster serves HTTP through Ray's HAProxy and the
+# ingress replicas' own servers (direct ingress) instead of Ray's Python proxy. Ray
+# reads these in the cluster's processes, so they go into this process's environment
+# before ray.init starts the cluster (an app's runtime_env is too late).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+
+
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, serve_checkpoint, lora_dirs):
+    if os.environ.get("T2I_TEST_HAPROXY") == "1":
+        os.environ.update(HAPROXY_ENV)
     with local_service(
         tmp_path_factory.mktemp("serve"),
         [
