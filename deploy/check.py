@@ -64,7 +64,7 @@ def unknown_keys(model: type[BaseModel], data, where: str) -> list[str]:
 
 def check(config: dict) -> list[str]:
     """Every problem of a Serve config (empty: none): Ray's own validation, keys no
-    schema defines, the app's args against AppConfig, deployments the app does not have
+    schema defines, the app's args against AppConfig, deployments the app does not have,
     models with no deployments configured, and a split-guidance model's Denoiser not
     on 2 GPUs."""
     from ray.serve.schema import ServeDeploySchema
