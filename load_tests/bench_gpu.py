@@ -25,7 +25,6 @@ import asyncio
 import base64
 import concurrent.futures
 import datetime
-import gc
 import io
 import json
 import random
@@ -45,6 +44,7 @@ from load_tests.measure import (
     ForwardTimes,
     Timer,
     device_facts,
+    free_memory,
     git_commit,
     matmul_tflops,
     peak_bytes,
@@ -119,9 +119,7 @@ class Bench:
         return stem
 
     def free(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(self.device)
 
     # --- setup ------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ CUDA, `tiny` runs both copies on the CPU (the smoke run: it checks what is writt
 never how fast).
 """
 
-import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import torch
 
 from load_tests.bench_precision import image_difference, relative_l2
 from load_tests.loadtest import percentiles
+from load_tests.measure import free_memory
 
 REQUEST = {"width": 1024, "height": 1024, "steps": 9, "guidance": 5.0}
 TINY_REQUEST = {"width": 256, "height": 256, "steps": 2, "guidance": 5.0}
@@ -75,7 +75,7 @@ def measure(checkpoint: Path, runs: int, tiny: bool, log: Callable[..., None]) -
     encoder = load_encoder(str(checkpoint), device)
     embeddings = {k: v.cpu() for k, v in encoder.encode_params(params).items()}
     encoder = None
-    free()
+    free_memory(torch.device(device))
     images, latents = {}, {}
     for name, options in (("one_gpu", {}), ("split", {"split_guidance": True})):
         out[name], images[name], latents[name] = engine_runs(
@@ -132,14 +132,8 @@ def engine_runs(
         "peak_allocated_bytes": {str(d): peak_bytes(d) for d in devices if d.type == "cuda"},
     }
     den = None
-    free()
+    free_memory(torch.device(device))
     return figures, image, kept["final"]
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def markdown(section: dict) -> list[str]:

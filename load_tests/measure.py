@@ -1,5 +1,6 @@
 """Measuring helpers shared by the GPU benchmarks: device facts, FLOP counts, timers."""
 
+import gc
 import statistics
 import subprocess
 import time
@@ -192,6 +193,14 @@ def peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Give back what dropped objects held: collect them, then empty PyTorch's cache on a
+    GPU, so that the next phase's figures start from what is really held."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def peak_bytes(device: torch.device) -> int:
