@@ -43,7 +43,9 @@ den = load_denoiser(model, device, "auto", compile=True, compile_cache=Path(fold
 p = GenerationParams("a red fox in the snow", None, size, size, 2, 0.0, 4)
 emb = load_encoder(model, device, "auto").encode_params(p)
 np.save(out, den.generate(p, emb)[0])
-print(json.dumps(compile_cache_stats()))
+from torch._dynamo.utils import counters
+print(json.dumps({**compile_cache_stats(), "counters": {
+    k: dict(counters[k]) for k in ("inductor", "aot_autograd") if k in counters}}))
 """
 KEY_LINE = "FX graph cache hash details for key "
 
