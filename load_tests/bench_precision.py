@@ -187,6 +187,8 @@ class Precision:
         after = compile_cache_stats()
         out: dict = {
             "setup": {
+                "compile": self.args.compile,
+                "cuda_graphs": self.args.graphs,
                 "load_s": round(loaded, 1),
                 "warmup_s": warmup,
                 "ready_s": round(time.perf_counter() - start, 1),
