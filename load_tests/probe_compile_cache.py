@@ -33,7 +33,7 @@ from serve_app.engine.compiling import compile_cache_stats
 from serve_app.messages import GenerationParams
 
 model, device, folder, out, details = sys.argv[1:6]
-size = int(sys.argv[6])
+size, warmup = int(sys.argv[6]), sys.argv[7] == "warmup"
 handler = logging.FileHandler(details)
 handler.setFormatter(logging.Formatter("%(message)s"))
 log = logging.getLogger("torch._inductor.codecache")
@@ -41,7 +41,11 @@ log.setLevel(logging.DEBUG)
 log.addHandler(handler)
 den = load_denoiser(model, device, "auto", compile=True, compile_cache=Path(folder))
 p = GenerationParams("a red fox in the snow", None, size, size, 2, 0.0, 4)
-emb = load_encoder(model, device, "auto").encode_params(p)
+enc = load_encoder(model, device, "auto")
+if warmup:  # as a replica starts: every path a request can take, at this size
+    enc.warmup()
+    den.warmup([(size, size)])
+emb = enc.encode_params(p)
 np.save(out, den.generate(p, emb)[0])
 from torch._dynamo.utils import counters
 print(json.dumps({**compile_cache_stats(), "counters": {
@@ -51,12 +55,13 @@ KEY_LINE = "FX graph cache hash details for key "
 
 
 def draw(folder: Path, out: Path, device: str = "cpu", model: str = "tiny", size: int = 256,
-         details: Path | None = None) -> dict:  # fmt: skip
-    """Run DRAW in a fresh process; its counters {"loaded", "compiled"}."""
+         details: Path | None = None, warmup: bool = False) -> dict:  # fmt: skip
+    """Run DRAW in a fresh process; its counters {"loaded", "compiled", "counters"}.
+    `warmup`: warm the engine up first as a replica does (every guidance and mask path)."""
     details = details or out.with_suffix(".keys.log")
     done = subprocess.run(
         [sys.executable, "-c", DRAW, model, device, str(folder), str(out), str(details),
-         str(size)],
+         str(size), "warmup" if warmup else "request"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -94,6 +99,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model", default="tiny", help="tiny, or a checkpoint folder")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--warmup", action="store_true", help="warm up as a replica first")
     parser.add_argument("--out", type=Path, help="where to write (default: a new temp folder)")
     args = parser.parse_args()
     args.out = args.out or Path(tempfile.mkdtemp(prefix="cc-probe-"))
@@ -102,7 +108,7 @@ def main() -> None:
     runs = {}
     for name in ("first", "second"):
         runs[name] = draw(folder, args.out / f"{name}.npy", args.device, args.model,
-                          args.size, args.out / f"{name}.keys.log")  # fmt: skip
+                          args.size, args.out / f"{name}.keys.log", args.warmup)  # fmt: skip
         # Entries in inductor's FX graph cache: none after the first run means the
         # misses are entries never written, not other keys.
         runs[name]["fxgraph_entries"] = sum(
