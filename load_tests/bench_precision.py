@@ -111,15 +111,21 @@ class Precision:
         from load_tests.bench_gpu import stock_image
 
         config = self.bench.configs[0]
-        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        # Set and restored through fp32_precision: restoring `allow_tf32` would leave
+        # "ieee" where torch's default is "none", and inductor keys its compile cache on
+        # it, so every graph compiled after this phase would miss what a replica wrote.
+        backends = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        tf32 = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
         try:
             start = time.perf_counter()
             pipe = ZImagePipeline.from_pretrained(path, torch_dtype=torch.float32)
             pipe.to(self.device).set_progress_bar_config(disable=True)
             image = stock_image(pipe, config, seed=0)
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            for b, precision in zip(backends, tf32, strict=True):
+                b.fp32_precision = precision
         self.bench.images["reference"][config["name"]] = np.asarray(image)
         self.result["reference"] = {
             "config": config["name"],
