@@ -16,7 +16,8 @@ def test_harness_smoke_run(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "load_tests.bench_gpu", "--tiny", "--device", "cpu",
          "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "reference", "stock",
-         "engine", "sweep", "service", "fp8_eager", "fp8", "profile_24gb", "sdxl", "lora",
+         "engine", "sweep", "service", "restart", "fp8_eager", "fp8", "profile_24gb", "sdxl",
+         "lora",
          "--service-parts", "configs", "throughput", "vram_table", "cancellations",
          "--disconnects", "4", "--keep-going"],
         cwd=ROOT,
@@ -42,6 +43,10 @@ def test_harness_smoke_run(tmp_path):
         "http_and_image_encoding_share",
     }
     assert all(row["match"] for row in result["vram_table"])  # answer == exported metric
+    restart = result["service_restart"]  # started again on the cache the first start filled
+    assert restart["same_pixels_as_first_start"] is True
+    assert restart["denoiser"]["compile_cache"]["dir"]
+    assert "| service, restarted |" in result_file.with_suffix(".md").read_text()
     assert result["cancellations"]["disconnects"] == 4
     assert result["cancellations"]["request_after_status"] == 200
     assert len(result["sweep"]) == 2 * 2 * 2  # sizes x guidance x steps
