@@ -737,7 +737,7 @@ class Bench:
         fp32 = None
         self.free()
         for compiled in (False, True) if self.device.type == "cuda" else (False,):
-            encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype, compiled)
+            encoder = ZImageEncoder.from_pretrained(path, self.device, self.dtype, compile=compiled)
             encoder.warmup()  # as served: on CUDA its graphs are captured here
             kind = "compiled" if compiled else "eager"
             with torch.no_grad():

@@ -77,6 +77,7 @@ def cases() -> list[tuple[int, int, bool, bool]]:
 
 def measure(family: str, path: Path, device: torch.device, workdir: Path) -> dict:
     from serve_app.engine import LoraOptions, load_denoiser, load_encoder
+    from serve_app.engine.precision import weights_bytes
     from serve_app.errors import DoesNotFit
     from serve_app.messages import GenerationParams
 
@@ -98,9 +99,7 @@ def measure(family: str, path: Path, device: torch.device, workdir: Path) -> dic
     loaded = {
         "allocated": torch.cuda.memory_allocated(device),
         "reserved": torch.cuda.memory_reserved(device),
-        "weights": sum(
-            p.numel() * p.element_size() for m in denoiser.modules for p in m.parameters()
-        ),
+        "weights": weights_bytes(denoiser.modules),
         "adapter": adapter.nbytes,
     }
     rows = []

@@ -128,6 +128,9 @@ class ModelSettings(BaseModel):
         lora_dir: the folder of this model's adapters (*.safetensors); "auto": the
             checkpoint's own `loras/` folder, if it has one; null: no adapters.
         lora: how adapters are served (see LoraSettings).
+        encoder_precision: "default" (`dtype`) or "int8": the text encoders' linear
+            layers with int8 weights, half their bf16 memory, on any device (torchao,
+            `pip install '.[quant]'`); deploy/serve_config.24gb.yaml uses it.
         options: the family's own settings, checked by the family when replicas start
             (zimage: precision, cuda_graphs, fuse_projections, split_guidance; sdxl:
             cuda_graphs).
@@ -153,6 +156,7 @@ class ModelSettings(BaseModel):
     default_preset: str | None = None
     lora_dir: str | None = "auto"
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    encoder_precision: Literal["default", "int8"] = "default"
     options: dict = Field(default_factory=dict)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     requests_per_replica: int = Field(4, ge=1)

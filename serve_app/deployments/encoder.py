@@ -27,7 +27,11 @@ class PromptEncoder(Replica):
         cap_memory(settings, encoder=True)
         # Not compiled: on an H200 that cut a 65-token Z-Image encode from 31 to 12 ms
         # (results/*-levers-2.json) but took 234 s of start-up (*-bench-0.json).
-        super().__init__(load_encoder(settings.model, settings.device, settings.dtype), settings)
+        engine = load_encoder(
+            settings.model, settings.device, settings.dtype, settings.encoder_precision
+        )
+        super().__init__(engine, settings)
+        self.precision = settings.encoder_precision
         self.warmup_s = self.engine.warmup()
         self.ready_s = time.monotonic() - started
         logger.info(
@@ -81,6 +85,7 @@ class PromptEncoder(Replica):
         return {
             **super().describe(),
             "max_prompt_tokens": self.engine.max_tokens,
+            "precision": self.precision,
             "ready_s": round(self.ready_s, 3),
             "warmup_s": self.warmup_s,
         }

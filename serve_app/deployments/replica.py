@@ -138,9 +138,9 @@ class Replica:
         self.worker = DeviceWorker(on_cpu=engine.device.type == "cpu")
         self.metrics = Metrics()
         self.cancellations: OrderedDict[str, dict] = OrderedDict()
-        self.weights_bytes = sum(
-            p.numel() * p.element_size() for m in engine.modules for p in m.parameters()
-        )
+        from serve_app.engine.precision import weights_bytes
+
+        self.weights_bytes = weights_bytes(engine.modules)
         threading.Thread(target=self._refresh_gauges, daemon=True).start()
 
     @property

@@ -47,11 +47,24 @@ def pick_compile(compile: bool | str, device: torch.device) -> bool:
     return bool(compile)
 
 
-def load_encoder(model: str, device: str = "auto", dtype: str = "auto"):
-    """Load the prompt encoder of `model` ("demo", "tiny", "tiny-sdxl" or a local folder)."""
+ENCODER_PRECISIONS = ("default", "int8")
+
+
+def load_encoder(model: str, device: str = "auto", dtype: str = "auto", precision="default"):
+    """Load the prompt encoder of `model` ("demo", "tiny", "tiny-sdxl" or a local folder).
+
+    Args:
+        precision: "default" (`dtype`) or "int8": the text encoders' linear layers with
+            int8 weights (precision.quantize_int8_weights; torchao).
+    """
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"encoder precision {precision!r}: use one of {ENCODER_PRECISIONS}")
     path, family = checkpoint.resolve(model)
     dev = pick_device(device)
-    return family_module(family).Encoder.from_pretrained(path, dev, pick_dtype(dtype, dev))
+    prepare = None
+    if precision == "int8":
+        from serve_app.engine.precision import quantize_int8_weights as prepare
+    return family_module(family).Encoder.from_pretrained(path, dev, pick_dtype(dtype, dev), prepare)
 
 
 def load_denoiser(

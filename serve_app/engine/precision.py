@@ -1,6 +1,14 @@
-"""Float8 linear layers, opt-in: torchao's training-free inference path (weights in
-float8 with a scale per output row, activations quantised per row as they come, matrix
-products on the tensor cores' float8 path), applied to the layers a family names."""
+"""Quantised linear layers, opt-in, through torchao's training-free inference paths.
+
+Float8 (a Z-Image transformer's `precision: fp8`): weights in float8 with a scale per
+output row, activations quantised per row as they come, matrix products on the tensor
+cores' float8 path, applied to the layers a family names.
+
+Int8 weights (a model's `encoder_precision: int8`): every linear layer of the text
+encoders with int8 weights and a scale per output channel, dequantised in each product;
+activations stay in the model's dtype. Half a bf16 encoder's linear weights on any device,
+for a card too small to hold the text encoder beside the denoiser.
+"""
 
 import re
 
@@ -8,6 +16,20 @@ import torch
 
 # Float8 matrix products need Ada (8.9) or Hopper (9.0) tensor cores or newer.
 FP8_CAPABILITY = (8, 9)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes `tensor` holds: a quantised tensor's (a torchao subclass reporting its
+    logical dtype) are its inner data's and scales'."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def weights_bytes(modules: list[torch.nn.Module]) -> int:
+    """Bytes of the parameters of `modules`, quantised ones at their real size."""
+    return sum(tensor_bytes(p) for m in modules for p in m.parameters())
 
 
 def quantize_fp8(model: torch.nn.Module, targets: str, device: torch.device) -> int:
@@ -36,7 +58,7 @@ def quantize_fp8(model: torch.nn.Module, targets: str, device: torch.device) -> 
         )
     except ImportError as exc:
         raise ImportError(
-            "precision fp8 runs on torchao, which is not installed: pip install '.[fp8]'"
+            "precision fp8 runs on torchao, which is not installed: pip install '.[quant]'"
         ) from exc
     pattern = re.compile(targets)
     chosen = {
@@ -53,3 +75,26 @@ def quantize_fp8(model: torch.nn.Module, targets: str, device: torch.device) -> 
         device=device,
     )
     return len(chosen)
+
+
+def quantize_int8_weights(module: torch.nn.Module, device: torch.device) -> int:
+    """In place: every nn.Linear of `module` gets int8 weights with a scale per output
+    channel (torchao's Int8WeightOnlyConfig), quantised on `device` a layer at a time
+    and left there (the rest of `module` stays where it is: the full-precision model
+    never needs the device's memory whole). Returns how many layers changed.
+
+    Raises:
+        ImportError: torchao is not installed.
+    """
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise ImportError(
+            "encoder_precision int8 runs on torchao, which is not installed: pip install '.[quant]'"
+        ) from exc
+
+    def linear(module: torch.nn.Module, _name: str = "") -> bool:
+        return isinstance(module, torch.nn.Linear)
+
+    quantize_(module, Int8WeightOnlyConfig(), filter_fn=linear, device=device)
+    return sum(map(linear, module.modules()))

@@ -57,8 +57,15 @@ class SDXLEncoder:
         return list(self.text_encoders)
 
     @classmethod
-    def from_pretrained(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "SDXLEncoder":
-        """Load both tokenizers and text encoders from a diffusers-format SDXL folder."""
+    def from_pretrained(
+        cls, path: Path, device: torch.device, dtype: torch.dtype, prepare=None
+    ) -> "SDXLEncoder":
+        """Load both tokenizers and text encoders from a diffusers-format SDXL folder.
+
+        Args:
+            prepare: called with each text encoder and `device` as loaded, on the CPU,
+                before it moves to `device` (the int8 weights' quantisation).
+        """
         tokenizers = tuple(
             CLIPTokenizer.from_pretrained(path / sub, local_files_only=True)
             for sub in ("tokenizer", "tokenizer_2")
@@ -71,6 +78,8 @@ class SDXLEncoder:
                 path / "text_encoder_2", dtype=dtype, local_files_only=True
             ),
         )
+        for text_encoder in text_encoders if prepare else ():
+            prepare(text_encoder, device)
         index = json.loads((path / "model_index.json").read_text())
         return cls(
             tokenizers, text_encoders, device, index.get("force_zeros_for_empty_prompt", True)

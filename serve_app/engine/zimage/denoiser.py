@@ -53,7 +53,7 @@ class Options(BaseModel):
     Args:
         precision: "default" (the model's dtype) or "fp8": the main blocks' linear
             layers (FP8_TARGETS) in float8 with rowwise scales, activations quantised
-            as they come (torchao, `pip install '.[fp8]'`; NVIDIA compute capability
+            as they come (torchao, `pip install '.[quant]'`; NVIDIA compute capability
             8.9 or newer). Half the transformer's weight memory and faster steps, at a
             numeric cost the README's performance section reports; never the default.
             Not with LoRA adapters (they merge into the weights).
