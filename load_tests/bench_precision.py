@@ -268,8 +268,6 @@ class Precision:
             # Denoiser runs one at a time either way, the others wait in the replica.
             "requests_per_replica": 16,
         }
-        if self.args.tiny:  # the CPU smoke run: no float8 there
-            model["options"] = {"precision": "default"}
         out: dict = {"config": str(PROFILE_24GB.relative_to(ROOT))}
         out["baseline_mib"] = baseline = CardMemory(self.device).read()
         with (

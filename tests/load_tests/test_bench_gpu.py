@@ -64,6 +64,7 @@ def test_harness_smoke_run(tmp_path):
     profile = result["profile_24gb"]
     assert profile["concurrent"]["statuses"] == {"200": profile["concurrent"]["requests"]}
     assert profile["denoiser"]["compile_cache"]["dir"]
+    assert profile["encoder"]["precision"] == "int8"  # the file's, served as it is
     sdxl = result["sdxl"]
     for path in ("stock", "engine", "service"):
         for variant in ("base", "niannian"):
