@@ -78,8 +78,9 @@ class SDXLEncoder:
                 path / "text_encoder_2", dtype=dtype, local_files_only=True
             ),
         )
-        for text_encoder in text_encoders if prepare else ():
-            prepare(text_encoder, device)
+        if prepare is not None:
+            for text_encoder in text_encoders:
+                prepare(text_encoder, device)
         index = json.loads((path / "model_index.json").read_text())
         return cls(
             tokenizers, text_encoders, device, index.get("force_zeros_for_empty_prompt", True)
