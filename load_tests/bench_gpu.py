@@ -366,7 +366,8 @@ class Bench:
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
             "options": {"fuse_projections": self.args.fuse, "cuda_graphs": self.args.graphs},
-            # The engine phase's cache: a replica started on a host that compiled before.
+            # The run's cache: empty unless --compile-cache named an earlier run's; the
+            # first start fills it and the `restart` phase starts again on it.
             "compile_cache_dir": str(self.compile_cache),
             "warmup_sizes": sizes,
             # The throughput and disconnect sweeps send up to 16 at once: all taken in.
@@ -1186,9 +1187,9 @@ def main() -> None:
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     Bench(args).run()
-    # Results are on disk. A process that started and stopped Ray five times (service,
-    # restart, profile_24gb, sdxl) has died of SIGSEGV in Ray's core worker at interpreter
-    # teardown, 2 smoke runs in 3 on the CPU: leave without that teardown.
+    # Results are on disk. A process that started and stopped Ray four times (service,
+    # restart, profile_24gb, sdxl) died of SIGSEGV in Ray's core worker at interpreter
+    # teardown in 2 smoke runs of 3 on the CPU: leave without that teardown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
