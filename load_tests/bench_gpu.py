@@ -51,6 +51,7 @@ from load_tests.measure import (
     matmul_tflops,
     peak_bytes,
     peak_reset,
+    png_pixels,
     summary,
     timed_method,
     transformer_flops,
@@ -412,10 +413,9 @@ class Bench:
             svc.client(timeout=600) as http,
         ):
             denoiser = svc.handle("Denoiser").describe.remote().result()
-            r = http.post("/v1/images/generations", json=self.body(config))
+            r = http.post("/generate", json=self.body(config))
             r.raise_for_status()
-            png = base64.b64decode(r.json()["data"][0]["b64_json"])
-        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        image = png_pixels(r.content)
         first = self.images["service"].get(config["name"])
         self.result["service_restart"] = {
             "ready_s": round(svc.ready_s, 1),
@@ -453,8 +453,7 @@ class Bench:
                     png = base64.b64decode(data["data"][0]["b64_json"])
                     assert png.startswith(b"\x89PNG")
                     if run == 0:  # seed 0, as the other paths' kept images
-                        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-                        self.images["service"][config["name"]] = image
+                        self.images["service"][config["name"]] = png_pixels(png)
                     if run:
                         e2e.append(took)
                         timings.append(data["timings"])

@@ -22,7 +22,6 @@ stock bf16's own, less TOLERANCE_DB. Float8 is reported apart (it is not bf16).
 """
 
 import concurrent.futures
-import io
 import math
 import statistics
 import tempfile
@@ -32,9 +31,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from PIL import Image
 
-from load_tests.measure import CardMemory, summary
+from load_tests.measure import CardMemory, png_pixels, summary
 
 # A served path keeps the tolerance when its image is within this many dB of stock bf16's
 # own PSNR against the float32 reference: as close to float32 as stock's bf16 is.
@@ -295,8 +293,7 @@ class Precision:
                     took = time.perf_counter() - start
                     r.raise_for_status()
                     if run == 0:
-                        image = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
-                        self.bench.images["profile_24gb"][config["name"]] = image
+                        self.bench.images["profile_24gb"][config["name"]] = png_pixels(r.content)
                     else:
                         e2e.append(took)
             out["single_client"] = summary(e2e)

@@ -1,6 +1,7 @@
 """Measuring helpers shared by the GPU benchmarks: device facts, FLOP counts, timers."""
 
 import gc
+import io
 import statistics
 import subprocess
 import time
@@ -8,7 +9,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from load_tests.sampling import Periodic
 
@@ -201,6 +204,12 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def png_pixels(png: bytes) -> np.ndarray:
+    """An encoded image's pixels, HxWx3 uint8."""
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def peak_bytes(device: torch.device) -> int:
