@@ -419,7 +419,9 @@ class Bench:
         first = self.images["service"].get(config["name"])
         self.result["service_restart"] = {
             "ready_s": round(svc.ready_s, 1),
-            "denoiser": {k: denoiser.get(k) for k in ("ready_s", "warmup_s", "compile_cache")},
+            "denoiser": {
+                k: denoiser.get(k) for k in ("ready_s", "warmup_s", "startup_s", "compile_cache")
+            },
             "same_pixels_as_first_start": None if first is None else bool((image == first).all()),
         }
         self.log("service restart", self.result["service_restart"])
@@ -1010,6 +1012,10 @@ def startup_markdown(result: dict) -> list[str]:
             f"| {start} | {service} | {ready} | {warmup} | {cache.get('loaded')} / "
             f"{cache.get('compiled')} |"
         )
+    for key, start in (("service_setup", "service"), ("service_restart", "service, restarted")):
+        if parts := result.get(key, {}).get("denoiser", {}).get("startup_s"):
+            lines += ["", f"Denoiser's start-up ({start}), s: "
+                          + ", ".join(f"{k} {v}" for k, v in parts.items()) + "."]  # fmt: skip
     restart = result.get("service_restart", {})
     if restart.get("same_pixels_as_first_start") is not None:
         lines += ["", f"Restarted service's image of seed 0 equal to the first start's: "

@@ -63,7 +63,8 @@ class Denoiser(Replica):
         from serve_app.engine.compiling import compile_cache_stats
 
         started = time.monotonic()
-        cap = cap_memory(settings)
+        cap = cap_memory(settings)  # on a GPU with a cap, CUDA starts here
+        capped = time.monotonic()
         folder = lora_folder(settings, checkpoint.resolve(settings.model)[0])
         compile_cache = compile_cache_folder(settings)
         lora = None
@@ -98,13 +99,26 @@ class Denoiser(Replica):
         self.memory = ReplicaMemory.measure(
             engine, settings.memory, self.weights_bytes, self.adapters.cache.nbytes, cap
         )
-        self.ready_s = time.monotonic() - started
+        done = time.monotonic()
+        self.ready_s = done - started
+        # Where the start-up went: the cap (CUDA's start, with a cap), reading the
+        # checkpoint and setting up (compile wrappers, adapters' slots), copying the
+        # weights to the device, the warm-up, and the memory reading after it.
+        warmup_total = sum(self.warmup_s.values())
+        self.startup_s = {
+            "cap": capped - started,
+            "read_and_setup": loaded - capped - engine.to_device_s,
+            "to_device": engine.to_device_s,
+            "warmup": warmup_total,
+            "measure": done - loaded - warmup_total,
+        }
+        self.startup_s = {key: round(value, 3) for key, value in self.startup_s.items()}
         logger.info(
-            "Denoiser %s ready in %.1f s on %s (load %.1f s, warm-up %s; compiled graphs: %s)",
+            "Denoiser %s ready in %.1f s on %s (%s; warm-up by size %s; compiled graphs: %s)",
             self.model_id,
             self.ready_s,
             engine.device,
-            loaded - started,
+            self.startup_s,
             self.warmup_s,
             self.compile_cache,
         )
@@ -275,6 +289,7 @@ class Denoiser(Replica):
             "loras": self.adapters.describe(),
             "ready_s": round(self.ready_s, 3),
             "warmup_s": self.warmup_s,
+            "startup_s": self.startup_s,
             "compile_cache": self.compile_cache,
             "memory": {
                 "budget_bytes": self.memory.budget_bytes,

@@ -68,8 +68,11 @@ class Denoiser:
         device: torch.device,
         lora: LoraSlots | FusedLora | None,
     ):
+        began = time.perf_counter()
         self.model = model.to(device).eval().requires_grad_(False)
         self.vae = vae.to(device).eval().requires_grad_(False)
+        # Part of a replica's start-up (see the Denoiser deployment's `startup_s`).
+        self.to_device_s = round(time.perf_counter() - began, 3)
         self.scheduler_config = scheduler_config
         self.device = device
         self.lora = lora

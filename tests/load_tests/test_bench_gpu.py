@@ -46,6 +46,9 @@ def test_harness_smoke_run(tmp_path):
     restart = result["service_restart"]  # started again on the cache the first start filled
     assert restart["same_pixels_as_first_start"] is True
     assert restart["denoiser"]["compile_cache"]["dir"]
+    parts = restart["denoiser"]["startup_s"]  # where the Denoiser's start-up went
+    assert min(parts.values()) >= 0, parts
+    assert abs(sum(parts.values()) - restart["denoiser"]["ready_s"]) < 0.01, parts
     assert "| service, restarted |" in result_file.with_suffix(".md").read_text()
     assert result["cancellations"]["disconnects"] == 4
     assert result["cancellations"]["request_after_status"] == 200
