@@ -48,6 +48,7 @@ from load_tests.measure import (
     device_facts,
     free_memory,
     git_commit,
+    image_difference,
     matmul_tflops,
     peak_bytes,
     peak_reset,
@@ -413,9 +414,12 @@ class Bench:
             svc.client(timeout=600) as http,
         ):
             denoiser = svc.handle("Denoiser").describe.remote().result()
-            r = http.post("/generate", json=self.body(config))
-            r.raise_for_status()
-        image = png_pixels(r.content)
+            images = []
+            for _ in range(2):
+                r = http.post("/generate", json=self.body(config))
+                r.raise_for_status()
+                images.append(png_pixels(r.content))
+        image = images[0]
         first = self.images["service"].get(config["name"])
         self.result["service_restart"] = {
             "ready_s": round(svc.ready_s, 1),
@@ -423,6 +427,8 @@ class Bench:
                 k: denoiser.get(k) for k in ("ready_s", "warmup_s", "startup_s", "compile_cache")
             },
             "same_pixels_as_first_start": None if first is None else bool((image == first).all()),
+            "vs_first_start": None if first is None else image_difference(image, first),
+            "repeat_vs_first": image_difference(images[1], image),
         }
         self.log("service restart", self.result["service_restart"])
 
@@ -462,12 +468,18 @@ class Bench:
                 raw = []  # the same request on POST /generate: PNG bytes, no JSON/base64
                 for run in range(self.args.runs + 1):
                     start = time.perf_counter()
-                    http.post("/generate", json=body).raise_for_status()
+                    r = http.post("/generate", json=body)
+                    r.raise_for_status()
                     if run:
                         raw.append(time.perf_counter() - start)
                 out[config["name"]] = {
                     "e2e": summary(e2e),
                     "e2e_raw_png": summary(raw),
+                    # The same seed's last image against its first in this start: is the
+                    # served path deterministic from one request to the next?
+                    "repeat_vs_first": image_difference(
+                        png_pixels(r.content), self.images["service"][config["name"]]
+                    ),
                     "stages_ms": {
                         k: round(statistics.median(t[k] for t in timings), 2) for k in timings[0]
                     },
@@ -1018,8 +1030,14 @@ def startup_markdown(result: dict) -> list[str]:
                           + ", ".join(f"{k} {v}" for k, v in parts.items()) + "."]  # fmt: skip
     restart = result.get("service_restart", {})
     if restart.get("same_pixels_as_first_start") is not None:
+        same, diff = restart["same_pixels_as_first_start"], restart["vs_first_start"]
         lines += ["", f"Restarted service's image of seed 0 equal to the first start's: "
-                      f"{restart['same_pixels_as_first_start']}."]  # fmt: skip
+                      f"{same} ({diff})."]  # fmt: skip
+    for name, row in result.get("service", {}).items():
+        lines.append(f"Seed 0 again in the first start ({name}), against its first image: "
+                     f"{row.get('repeat_vs_first')}.")  # fmt: skip
+    if repeat := restart.get("repeat_vs_first"):
+        lines.append(f"Seed 0 again in the restarted service, against its first: {repeat}.")
     return lines
 
 

@@ -22,7 +22,6 @@ stock bf16's own, less TOLERANCE_DB. Float8 is reported apart (it is not bf16).
 """
 
 import concurrent.futures
-import math
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ import httpx
 import numpy as np
 import torch
 
-from load_tests.measure import CardMemory, png_pixels, summary
+from load_tests.measure import CardMemory, image_difference, png_pixels, summary
 
 # A served path keeps the tolerance when its image is within this many dB of stock bf16's
 # own PSNR against the float32 reference: as close to float32 as stock's bf16 is.
@@ -41,18 +40,6 @@ CARD_24GB = 24 * 2**30
 SPARE_24GB = 3 * 2**30
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE_24GB = ROOT / "deploy" / "serve_config.24gb.yaml"
-
-
-def image_difference(ours: np.ndarray, reference: np.ndarray) -> dict:
-    """How far an HxWx3 uint8 image is from a reference: mean and max absolute
-    difference in levels (0-255), and PSNR in dB (None where they are equal)."""
-    diff = ours.astype(np.float64) - reference.astype(np.float64)
-    mse = float((diff**2).mean())
-    return {
-        "mean_abs": round(float(np.abs(diff).mean()), 3),
-        "max_abs": int(np.abs(diff).max()),
-        "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse else None,
-    }
 
 
 def relative_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:

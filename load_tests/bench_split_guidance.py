@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from load_tests.bench_precision import image_difference, relative_l2
+from load_tests.bench_precision import relative_l2
 from load_tests.loadtest import percentiles
-from load_tests.measure import free_memory
+from load_tests.measure import free_memory, image_difference
 
 REQUEST = {"width": 1024, "height": 1024, "steps": 9, "guidance": 5.0}
 TINY_REQUEST = {"width": 256, "height": 256, "steps": 2, "guidance": 5.0}

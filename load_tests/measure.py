@@ -2,6 +2,7 @@
 
 import gc
 import io
+import math
 import statistics
 import subprocess
 import time
@@ -210,6 +211,18 @@ def png_pixels(png: bytes) -> np.ndarray:
     """An encoded image's pixels, HxWx3 uint8."""
     with Image.open(io.BytesIO(png)) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def image_difference(ours: np.ndarray, reference: np.ndarray) -> dict:
+    """How far an HxWx3 uint8 image is from a reference: mean and max absolute
+    difference in levels (0-255), and PSNR in dB (None where they are equal)."""
+    diff = ours.astype(np.float64) - reference.astype(np.float64)
+    mse = float((diff**2).mean())
+    return {
+        "mean_abs": round(float(np.abs(diff).mean()), 3),
+        "max_abs": int(np.abs(diff).max()),
+        "psnr_db": round(10 * math.log10(255**2 / mse), 2) if mse else None,
+    }
 
 
 def peak_bytes(device: torch.device) -> int:

@@ -258,7 +258,12 @@ def fit_preview_map(vae, to_vae, channels: int, scale: int, device) -> torch.Ten
     model's own VAE: no coefficients to ship or look up, for any family."""
     generator = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(4, channels, 16, 16, generator=generator).to(device)
-    image = vae.decode(to_vae(latents), return_dict=False)[0].float()
+    # Eager, where the decoder is compiled: requests decode one image at a time, and
+    # dynamic shapes still specialise a batch of 1, so this batch of 4 compiled a graph
+    # of its own that no request uses (41 s of an H100 replica's cold start, 14 s of a
+    # warm one: *-perf-6*).
+    with torch.compiler.set_stance("force_eager"):
+        image = vae.decode(to_vae(latents), return_dict=False)[0].float()
     blocks = torch.nn.functional.avg_pool2d(image, scale)
     inputs = latents.float().permute(0, 2, 3, 1).reshape(-1, channels).cpu()
     targets = blocks.permute(0, 2, 3, 1).reshape(-1, 3).cpu()

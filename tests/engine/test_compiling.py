@@ -19,3 +19,16 @@ def test_a_cached_start_loads_every_graph_and_draws_the_same_pixels(tmp_path):
     # Both processes computed the same key for every graph, and logged how.
     assert differences(tmp_path / "cold.keys.log", tmp_path / "warm.keys.log") == []
     assert (tmp_path / "cold.keys.log").read_text().count("FX graph cache hash details") > 0
+
+
+def test_fitting_the_preview_map_compiles_nothing():
+    """The preview's fit decodes a batch of 4 small latents; through the compiled VAE
+    decoder that was a graph of its own (a batch of 1 is specialised), which no request
+    uses: 41 s of an H100 replica's cold start (*perf-6*)."""
+    from serve_app.engine import load_denoiser
+    from serve_app.engine.compiling import compile_cache_stats
+
+    den = load_denoiser("tiny", "cpu", "auto", compile=True)
+    before = compile_cache_stats()
+    den.fit_preview()
+    assert compile_cache_stats() == before

@@ -45,6 +45,9 @@ def test_harness_smoke_run(tmp_path):
     assert all(row["match"] for row in result["vram_table"])  # answer == exported metric
     restart = result["service_restart"]  # started again on the cache the first start filled
     assert restart["same_pixels_as_first_start"] is True
+    assert restart["vs_first_start"]["max_abs"] == 0
+    assert restart["repeat_vs_first"]["max_abs"] == 0
+    assert result["service"]["1024-turbo"]["repeat_vs_first"]["max_abs"] == 0
     assert restart["denoiser"]["compile_cache"]["dir"]
     parts = restart["denoiser"]["startup_s"]  # where the Denoiser's start-up went
     assert min(parts.values()) >= 0, parts
