@@ -33,7 +33,9 @@ def main() -> None:
     kwargs = {"subfolder": "transformer", "torch_dtype": torch.bfloat16, "local_files_only": True}
     rows = []
     for attempt in range(2):
-        read_s, model = timed(lambda: ZImageTransformer2DModel.from_pretrained(args.model, **kwargs))
+        read_s, model = timed(
+            lambda: ZImageTransformer2DModel.from_pretrained(args.model, **kwargs)
+        )
         copy_s, model = timed(lambda m=model: m.to("cuda"))
         rows.append({"way": "host, then copy", "attempt": attempt, "read_s": read_s,
                      "copy_s": copy_s, "total_s": round(read_s + copy_s, 3)})  # fmt: skip
