@@ -21,8 +21,16 @@ def configure_dynamo() -> None:
     which the static one then pins; the next prompt length recompiles. An H200 run
     failed that way on its first guidance request after the warm-up had used all eight
     graphs; tests/engine/zimage/test_denoiser.py checks that no request recompiles.
+
+    Inductor's deterministic mode: no kernel configuration picked by timing it on the
+    device where the choice changes the numerics (a reduction's block sizes change its
+    order of summation). Without it a restarted H100 replica, which loaded every graph
+    from the compile cache, drew seed 0 differently from the start that compiled them
+    (max 6 levels, PSNR 48.5 dB; *perf-7*), while each start repeated its own image
+    exactly.
     """
     torch.fx.experimental._config.use_duck_shape = False
+    torch._inductor.config.deterministic = True
     torch._dynamo.config.recompile_limit = max(
         torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
     )
