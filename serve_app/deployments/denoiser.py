@@ -101,16 +101,17 @@ class Denoiser(Replica):
         )
         done = time.monotonic()
         self.ready_s = done - started
-        # Where the start-up went: the cap (CUDA's start, with a cap), reading the
-        # checkpoint and setting up (compile wrappers, adapters' slots), copying the
-        # weights to the device, the warm-up, and the memory reading after it.
+        # Where the start-up went: the cap (CUDA's start, with a cap); imports, reading
+        # the checkpoint and setting up (compile wrappers, adapters' slots); copying the
+        # weights to the device; the warm-up's sizes; and what follows them (the
+        # preview map's fit, the cache given back, the memory reading).
         warmup_total = sum(self.warmup_s.values())
         self.startup_s = {
             "cap": capped - started,
             "read_and_setup": loaded - capped - engine.to_device_s,
             "to_device": engine.to_device_s,
             "warmup": warmup_total,
-            "measure": done - loaded - warmup_total,
+            "after_warmup": done - loaded - warmup_total,
         }
         self.startup_s = {key: round(value, 3) for key, value in self.startup_s.items()}
         logger.info(
