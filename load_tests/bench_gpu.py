@@ -402,14 +402,25 @@ class Bench:
         """The service started again on the compile cache its first start filled: a
         replica's warm restart (target 4 of issue 13), its readiness and what its
         Denoiser loaded and compiled, and its first image of seed 0 against the first
-        start's (a cached start must draw the same pixels)."""
+        start's (a cached start must draw the same pixels). Then once more for each
+        --restart-env setting, with that environment variable set in the replicas."""
+        self.result["service_restart"] = self.start_again(path, {})
+        self.log("service restart", self.result["service_restart"])
+        for setting in self.args.restart_env:
+            name, _, value = setting.partition("=")
+            out = self.start_again(path, {name: value})
+            self.result.setdefault("service_restart_env", {})[setting] = out
+            self.log("service restart", setting, out)
+            self.save()
+
+    def start_again(self, path: Path, env: dict[str, str]) -> dict:
         from load_tests.local_service import local_service
 
         config = self.configs[0]
         with (
             tempfile.TemporaryDirectory() as tmp,
             local_service(
-                Path(tmp), [self.service_model(path)], num_gpus=1, ready_timeout_s=900
+                Path(tmp), [self.service_model(path)], num_gpus=1, ready_timeout_s=900, env=env
             ) as svc,
             svc.client(timeout=600) as http,
         ):
@@ -421,7 +432,7 @@ class Bench:
                 images.append(png_pixels(r.content))
         image = images[0]
         first = self.images["service"].get(config["name"])
-        self.result["service_restart"] = {
+        return {
             "ready_s": round(svc.ready_s, 1),
             "denoiser": {
                 k: denoiser.get(k) for k in ("ready_s", "warmup_s", "startup_s", "compile_cache")
@@ -430,7 +441,6 @@ class Bench:
             "vs_first_start": None if first is None else image_difference(image, first),
             "repeat_vs_first": image_difference(images[1], image),
         }
-        self.log("service restart", self.result["service_restart"])
 
     @staticmethod
     def body(config: dict, seed: int | None = 0) -> dict:
@@ -1006,11 +1016,15 @@ def startup_markdown(result: dict) -> list[str]:
         cache = engine["compile_cache"]
         rows.append(("engine, in the bench's process", "", engine["ready_s"],
                      engine["warmup_s"], cache))  # fmt: skip
-    for key, start in (("service_setup", "service"), ("service_restart", "service, restarted")):
-        if setup := result.get(key):
-            d = setup["denoiser"]
-            rows.append((start, setup["ready_s"], d.get("ready_s"), d.get("warmup_s"),
-                         d.get("compile_cache") or {}))  # fmt: skip
+    starts = [("service", result.get("service_setup")),
+              ("service, restarted", result.get("service_restart"))]  # fmt: skip
+    for setting, setup in result.get("service_restart_env", {}).items():
+        starts.append((f"service, restarted with {setting}", setup))
+    starts = [(start, setup) for start, setup in starts if setup]
+    for start, setup in starts:
+        d = setup["denoiser"]
+        rows.append((start, setup["ready_s"], d.get("ready_s"), d.get("warmup_s"),
+                     d.get("compile_cache") or {}))  # fmt: skip
     if not rows:
         return []
     lines = [
@@ -1024,8 +1038,8 @@ def startup_markdown(result: dict) -> list[str]:
             f"| {start} | {service} | {ready} | {warmup} | {cache.get('loaded')} / "
             f"{cache.get('compiled')} |"
         )
-    for key, start in (("service_setup", "service"), ("service_restart", "service, restarted")):
-        if parts := result.get(key, {}).get("denoiser", {}).get("startup_s"):
+    for start, setup in starts:
+        if parts := setup["denoiser"].get("startup_s"):
             lines += ["", f"Denoiser's start-up ({start}), s: "
                           + ", ".join(f"{k} {v}" for k, v in parts.items()) + "."]  # fmt: skip
     restart = result.get("service_restart", {})
@@ -1204,6 +1218,14 @@ def main() -> None:
         nargs="+",
         default=["encoder", "step", "vae", "image"],
         help="lever groups of the levers phase",
+    )
+    parser.add_argument(
+        "--restart-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="the restart phase starts the service once more for each, with that "
+        "environment variable set in its replicas (a start-up lever to compare)",
     )
     parser.add_argument("--commit", default="")
     args = parser.parse_args()

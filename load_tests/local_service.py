@@ -98,6 +98,7 @@ def make_config(
     source: Path = CONFIG,
     args: dict | None = None,
     top_level: dict | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """A serve config file (`source`, deploy/serve_config.yaml by default) with a local
     HTTP port and overrides.
@@ -112,6 +113,7 @@ def make_config(
         deployments: deployment name -> options to change (e.g. num_replicas).
         args: the application's other args to change (api_keys, limits...).
         top_level: the file's own keys to change (proxy_location...).
+        env: environment variables to add to the application's runtime_env.
     """
     config = copy.deepcopy(yaml.safe_load(source.read_text()))
     config["http_options"]["host"] = "127.0.0.1"
@@ -122,6 +124,7 @@ def make_config(
     for name, options in (deployments or {}).items():
         deployment_config(config, name).update(options)
     application["args"].update(args or {})
+    application["runtime_env"]["env_vars"].update(env or {})
     config.update(top_level or {})
     if ingress_max_replicas is not None:
         autoscaling = deployment_config(config, "Ingress")["autoscaling_config"]
@@ -163,11 +166,12 @@ def local_service(
     address: str | None = None,
     args: dict | None = None,
     top_level: dict | None = None,
+    env: dict[str, str] | None = None,
 ):
     """A Ray cluster of this process with `num_gpus` GPUs (logical ones where there are
     none), or the running one at `address`, and the app of `source` deployed by the
-    `serve run` CLI; torn down on exit. `models`, `deployments`, `args`, `top_level`:
-    see make_config; `extra_apps`: more applications beside it (see derived_app), ready
+    `serve run` CLI; torn down on exit. `models`, `deployments`, `args`, `top_level`,
+    `env`: see make_config; `extra_apps`: more applications beside it (see derived_app), ready
     too before this returns."""
     import ray
     from ray import serve
@@ -187,7 +191,7 @@ def local_service(
     else:
         ray.init(address=address, log_to_driver=False)
     config = make_config(
-        models, ingress_max_replicas, http_port, deployments, source, args, top_level
+        models, ingress_max_replicas, http_port, deployments, source, args, top_level, env
     )
     config["applications"] += extra_apps or []
     path = workdir / "serve_config.yaml"
