@@ -5,6 +5,7 @@ limit is refused before it is read, and the headers the service needs reach it. 
 nginx (Debian's package; `make test` installs it) and the session's real service.
 """
 
+import concurrent.futures
 import json
 import os
 import re
@@ -211,6 +212,38 @@ def test_what_reaches_the_upstream_is_the_clients_headers_less_the_switches(tmp_
     assert "connection" not in got  # not "close": the connection is kept for the next one
     assert NGINX_REQUEST_ID.fullmatch(unnamed["x-request-id"])
     assert NGINX_REQUEST_ID.fullmatch(empty["x-request-id"])
+
+
+class Slow(Echo):
+    """An upstream whose every answer takes a second: requests stay in flight."""
+
+    def do_POST(self):
+        time.sleep(1)
+        super().do_POST()
+
+
+def test_past_16_generations_in_flight_a_client_gets_429_with_retry_after(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with front_proxy(f"127.0.0.1:{server.server_port}", tmp_path) as proxy:
+
+            def post(_):
+                with proxy.client() as c:
+                    return c.post("/generate", json=SMALL)
+
+            with concurrent.futures.ThreadPoolExecutor(17) as pool:
+                answers = list(pool.map(post, range(17)))
+            with proxy.client() as c:  # a cancel is never limited
+                cancel = c.post("/v1/requests/x/cancel")
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused = [r for r in answers if r.status_code == 429]
+    assert sorted(r.status_code for r in answers) == [200] * 16 + [429], answers
+    assert refused[0].headers["retry-after"] == "1"
+    assert error_code(refused[0]) == "too_many_in_flight"
+    assert cancel.status_code == 200
 
 
 class Arrivals:
