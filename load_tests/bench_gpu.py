@@ -1220,6 +1220,13 @@ def main() -> None:
         help="lever groups of the levers phase",
     )
     parser.add_argument(
+        "--fp8-warmup",
+        choices=["replica", "request"],
+        default="replica",
+        help="the fp8 phase's warm-up: a replica's (every guidance and mask path), or only "
+        "each configuration's first, untimed run (its own path: a shorter cold compile)",
+    )
+    parser.add_argument(
         "--restart-env",
         nargs="*",
         default=[],
