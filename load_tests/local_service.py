@@ -124,7 +124,8 @@ def make_config(
     for name, options in (deployments or {}).items():
         deployment_config(config, name).update(options)
     application["args"].update(args or {})
-    application["runtime_env"]["env_vars"].update(env or {})
+    if env:
+        application.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env)
     config.update(top_level or {})
     if ingress_max_replicas is not None:
         autoscaling = deployment_config(config, "Ingress")["autoscaling_config"]
