@@ -4,7 +4,8 @@ CLIP tokenizers built here. Generated deterministically on first use in diffuser
 with two random adapters in its `loras/` folder, and loaded like a real download. It
 draws noise, not pictures."""
 
-import json
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from serve_app.engine.checkpoint import save_once
 from serve_app.engine.tiny import random_lora, save_kohya
 
-TINY_NAME = "sdxl-tiny-v1"
+TINY_NAME = "sdxl-tiny-v2"
 
 # Text to train the tokenizers' merges on; any fixed text gives fixed tokenizers.
 _CORPUS = [
@@ -27,32 +28,55 @@ _CORPUS = [
 
 def build_tokenizer(pad_token: str = "<|endoftext|>"):
     """A CLIP tokenizer (byte-level BPE with "</w>" word ends, lower case, 77 tokens)
-    whose merges are trained on a fixed corpus. OpenCLIP-bigG's pads with "!"."""
-    from tokenizers import Tokenizer, models, trainers
+    whose merges are learned from a fixed corpus. OpenCLIP-bigG's pads with "!"."""
     from tokenizers import pre_tokenizers as pre
     from transformers import CLIPTokenizer
 
     specials = ["<|startoftext|>", "<|endoftext|>"]
-    # Trained on text split as CLIPTokenizer splits it, so that its merges apply.
+    # The corpus split as CLIPTokenizer splits text, so that the merges apply.
     clip = CLIPTokenizer(vocab={s: i for i, s in enumerate(specials)}, merges=[])
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.normalizer = clip.backend_tokenizer.normalizer
-    bpe.pre_tokenizer = clip.backend_tokenizer.pre_tokenizer
-    alphabet = pre.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=specials,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    trained = json.loads(bpe.to_str())["model"]
-    vocab = trained["vocab"]
-    for char in alphabet:  # any byte can end a word
-        vocab.setdefault(char + "</w>", len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    backend = clip.backend_tokenizer
+    words: Counter = Counter()
+    for text in _CORPUS:
+        for piece, _ in backend.pre_tokenizer.pre_tokenize_str(
+            backend.normalizer.normalize_str(text)
+        ):
+            words[(*piece[:-1], piece[-1] + "</w>")] += 1
+    alphabet = sorted(pre.ByteLevel.alphabet())  # any byte, within a word or ending it
+    merges = learn_merges(words, 164)
+    tokens = [*specials, *alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def learn_merges(words: Counter, count: int) -> list[tuple[str, str]]:
+    """Byte-pair merges of `words` (tuples of symbols, with their counts): the most
+    frequent adjacent pair first, ties broken by the pair itself, so that the same corpus
+    gives the same tokenizer in every process. (tokenizers' trainer breaks ties in
+    another order in each, and the tiny checkpoint's prompt ids changed with it.)"""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in pairwise(word):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: Counter = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
 
 
 def build_tiny_pipeline():
