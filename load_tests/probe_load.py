@@ -59,7 +59,13 @@ def main() -> None:
     )
     rows.append({"way": "vae, host then copy", "total_s": vae_s})
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "probe-load.json").write_text(json.dumps(rows, indent=1))
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "checkpoint": str(args.model),
+        "rows": rows,
+    }
+    (args.out / "probe-load.json").write_text(json.dumps(out, indent=1))
     for row in rows:
         print(json.dumps(row))
 
