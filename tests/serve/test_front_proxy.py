@@ -233,9 +233,13 @@ def test_past_16_generations_in_flight_a_client_gets_429_with_retry_after(tmp_pa
                     return c.post("/generate", json=SMALL)
 
             with concurrent.futures.ThreadPoolExecutor(17) as pool:
-                answers = list(pool.map(post, range(17)))
-            with proxy.client() as c:  # a cancel is never limited
-                cancel = c.post("/v1/requests/x/cancel")
+                running = [pool.submit(post, i) for i in range(17)]
+                time.sleep(0.3)  # 16 in flight (a second each), one refused: a cancel is
+                # still never limited
+                assert sum(f.done() for f in running) <= 1, [f.result() for f in running]
+                with proxy.client() as c:
+                    cancel = c.post("/v1/requests/x/cancel")
+                answers = [f.result() for f in running]
     finally:
         server.shutdown()
         server.server_close()
