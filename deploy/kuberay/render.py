@@ -210,17 +210,35 @@ def grafana_dashboard(dashboard: dict) -> dict:
     }
 
 
-def nginx_conf(conf: str) -> str:
+def taken_in(serve_config: dict) -> dict[str, int]:
+    """Generations each model's Denoisers take in at most: its requests_per_replica x
+    its replicas (max_replicas where they autoscale)."""
+    (app,) = serve_config["applications"]
+    deployments = {d["name"]: d for d in app.get("deployments", [])}
+    out = {}
+    for model in app["args"]["models"]:
+        denoiser = deployments.get(f"Denoiser-{model['id']}", {})
+        scaling = denoiser.get("autoscaling_config")
+        replicas = scaling["max_replicas"] if scaling else denoiser.get("num_replicas", 1)
+        out[model["id"]] = model.get("requests_per_replica", 4) * replicas
+    return out
+
+
+def nginx_conf(conf: str, serve_config: dict) -> str:
     """deploy/nginx/t2i.conf for a pod of the official nginx image: the Serve service as
-    the upstream, logs to the container's stdout."""
+    the upstream, logs to the container's stdout, each model shed past what the serve
+    config's Denoisers take in at most (each front pod counts alone: past that the
+    service refuses what they let through together)."""
     changes = {
         "server 127.0.0.1:8000;": f"server {SERVE_SVC}:8000;",
         "access_log /var/log/nginx/t2i.access.log t2i;": "access_log /dev/stdout t2i;",
         "server_name t2i.example.com;": "server_name _;",
     }
+    for model, n in taken_in(serve_config).items():
+        changes[f"limit_conn t2i_shed_{model} 4;"] = f"limit_conn t2i_shed_{model} {n};"
     for old, new in changes.items():
         if old not in conf:
-            raise ValueError(f"deploy/nginx/t2i.conf no longer has {old!r}: update render.py")
+            raise ValueError(f"deploy/nginx/t2i.conf has no {old!r}: update it or render.py")
         conf = conf.replace(old, new)
     return conf
 
@@ -286,7 +304,7 @@ def documents() -> list[dict]:
         pod_monitor("head", ["metrics", "as-metrics", "dash-metrics"]),
         pod_monitor("worker", ["metrics"]),
         grafana_dashboard(json.loads(DASHBOARD.read_text())),
-        *front_proxy(nginx_conf(NGINX_CONF.read_text())),
+        *front_proxy(nginx_conf(NGINX_CONF.read_text(), serve_config)),
     ]
 
 

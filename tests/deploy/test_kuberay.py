@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import re
 
 import jsonschema
 import pytest
@@ -127,6 +128,10 @@ def test_the_front_proxy_strips_ray_headers_and_sends_to_the_serve_service(docs)
     assert "server t2i-serve-svc:8000;" in conf and "127.0.0.1" not in conf
     for header in ("x-request-disconnect-disabled", "x-request-timeout-seconds"):
         assert f'proxy_set_header {header} "";' in conf
+    # Each model shed past what its Denoisers take in at most: requests_per_replica 4 x
+    # max_replicas (5 for zimage, 2 for sdxl in deploy/serve_config.multi_gpu.yaml).
+    shed = re.findall(r"limit_conn t2i_shed_(\w+) (\d+);", conf)
+    assert shed == [("zimage", "20"), ("sdxl", "8")]
     (lb,) = kind(docs, "Service")
     (front,) = kind(docs, "Deployment")
     assert lb["spec"]["type"] == "LoadBalancer"

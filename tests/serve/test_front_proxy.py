@@ -1,7 +1,8 @@
 """nginx in front of the service with deploy/nginx/t2i.conf as shipped, only its CHANGE
 lines pointed at this test's ports: Ray Serve's trusted-caller headers never reach the
 service, streams pass unbuffered, a client that leaves cancels its work, a body over the
-limit is refused before it is read, and the headers the service needs reach it. A real
+limit is refused before it is read, each model is refused past what the service takes in
+of it, and the headers the service needs reach it. A real
 nginx (Debian's package; `make test` installs it) and the session's real service.
 """
 
@@ -25,7 +26,13 @@ import pytest
 
 from load_tests.local_service import ROOT, free_port
 from serve_app.ingress.guard import TRUSTED_ONLY
-from tests.serve.conftest import SLOW, denoiser_record, wait_for
+from tests.serve.conftest import (
+    MAIN_REQUESTS_PER_REPLICA,
+    SDXL_REPLICAS,
+    SLOW,
+    denoiser_record,
+    wait_for,
+)
 from tests.serve.test_cancel import rid
 from tests.serve.test_streaming import events
 
@@ -36,6 +43,11 @@ SMALL = {"prompt": "x", "size": "256x256", "num_inference_steps": 2}
 # A value for each header of the guard's that switches its behaviour on.
 SWITCHED_ON = {"x-request-disconnect-disabled": "?1", "x-request-timeout-seconds": "0"}
 NGINX_REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # $request_id; Ray's are UUIDs
+# What the session's app takes in of each model (requests_per_replica x Denoisers).
+TAKEN_IN = {
+    "zimage": MAIN_REQUESTS_PER_REPLICA,
+    "sdxl": MAIN_REQUESTS_PER_REPLICA * SDXL_REPLICAS,
+}
 
 # What Debian's /etc/nginx/nginx.conf puts around conf.d/*.conf (gzip on included), with
 # every path in the test's folder. As root, workers run as root: `nobody`, nginx's
@@ -46,7 +58,7 @@ worker_processes 1;
 error_log {dir}/error.log info;
 pid {dir}/nginx.pid;
 events {{
-    worker_connections 256;
+    worker_connections 1024;
 }}
 http {{
     client_body_temp_path {dir}/body;
@@ -71,13 +83,24 @@ def nginx_binary() -> str:
     return path
 
 
-def render(upstream: str, port: int, workdir: Path) -> str:
-    """deploy/nginx/t2i.conf with its CHANGE lines set to this test's addresses."""
+def render(upstream: str, port: int, workdir: Path, shed: dict[str, int], per_client: int) -> str:
+    """deploy/nginx/t2i.conf with its CHANGE lines set to this test's addresses, each
+    model's generations in flight capped at `shed`'s number and a client's at
+    `per_client`."""
     text = CONFIG.read_text()
+    assert text.count("limit_conn t2i_per_client 16;") == 2, "both generation locations"
+    text = text.replace("limit_conn t2i_per_client 16;", f"limit_conn t2i_per_client {per_client};")
+    socket_path = workdir / "shed.sock"
     for line, new in (
         ("server 127.0.0.1:8000;", f"server {upstream};"),
         ("listen 80;", f"listen 127.0.0.1:{port};"),
         ("access_log /var/log/nginx/t2i.access.log t2i;", f"access_log {workdir}/access.log t2i;"),
+        ("server unix:/run/t2i-shed.sock;", f"server unix:{socket_path};"),
+        ("listen unix:/run/t2i-shed.sock;", f"listen unix:{socket_path};"),
+        *(
+            (f"limit_conn t2i_shed_{model} 4;", f"limit_conn t2i_shed_{model} {n};")
+            for model, n in shed.items()
+        ),
     ):
         assert text.count(line) == 1, f"{CONFIG} should have `{line}` once, to be changed"
         text = text.replace(line, new)
@@ -103,11 +126,14 @@ def listening(port: int) -> bool:
 
 
 @contextmanager
-def front_proxy(upstream: str, workdir: Path) -> Iterator[FrontProxy]:
+def front_proxy(
+    upstream: str, workdir: Path, shed: dict[str, int] = TAKEN_IN, per_client: int = 16
+) -> Iterator[FrontProxy]:
     """nginx in the foreground, with the shipped config in front of `upstream`
-    (host:port); stopped on exit. Its logs are in `workdir`."""
+    (host:port), shedding each model past `shed`'s number and a client's generations
+    past `per_client`; stopped on exit. Its logs are in `workdir`."""
     port = free_port()
-    (workdir / "t2i.conf").write_text(render(upstream, port, workdir))
+    (workdir / "t2i.conf").write_text(render(upstream, port, workdir, shed, per_client))
     user = "user root;" if os.geteuid() == 0 else ""
     (workdir / "nginx.conf").write_text(MAIN.format(user=user, dir=workdir))
     proc = subprocess.Popen(
@@ -184,6 +210,7 @@ class Echo(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
+        self.send_header("x-echo-path", self.path)
         self.end_headers()
         self.wfile.write(body)
 
@@ -248,6 +275,46 @@ def test_past_16_generations_in_flight_a_client_gets_429_with_retry_after(tmp_pa
     assert refused[0].headers["retry-after"] == "1"
     assert error_code(refused[0]) == "too_many_in_flight"
     assert cancel.status_code == 200
+
+
+def test_past_a_models_number_in_flight_nginx_refuses_it_as_the_service_would(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # zimage (the first model) also counts the bodies that name none; a model nginx has
+    # no number for is not counted (the service answers for it).
+    sent = (
+        [{**SMALL, "model": "zimage"}] * 2 + [SMALL]
+        + [{**SMALL, "model": "sdxl"}] * 3
+        + [{**SMALL, "model": "other"}] * 4
+    )  # fmt: skip
+    try:
+        with front_proxy(
+            f"127.0.0.1:{server.server_port}", tmp_path, shed={"zimage": 2, "sdxl": 3}
+        ) as proxy:
+
+            def post(body):
+                with proxy.client() as c:
+                    return c.post("/v1/images/generations", json=body)
+
+            with concurrent.futures.ThreadPoolExecutor(len(sent)) as pool:
+                answers = list(pool.map(post, sent))
+    finally:
+        server.shutdown()
+        server.server_close()
+    codes = [r.status_code for r in answers]
+    assert sorted(codes[:3]) == [200, 200, 429], codes
+    assert codes[3:] == [200] * 7, codes
+    refused = answers[codes.index(429)]
+    assert refused.headers["retry-after"] == "1"
+    assert error_code(refused) == "queue_full"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    # What passed reached the upstream at the path the client asked for, with the model
+    # nginx read from the body (none: no header).
+    passed = [(body, r) for body, r in zip(sent, answers, strict=True) if r.status_code == 200]
+    assert {r.headers["x-echo-path"] for _, r in passed} == {"/v1/images/generations"}
+    assert [dict(r.json()).get("x-t2i-model", "") for _, r in passed] == [
+        body.get("model", "") for body, _ in passed
+    ]
 
 
 class Arrivals:

@@ -19,16 +19,17 @@ import pytest
 from load_tests import traffic
 from load_tests.local_service import ROOT
 from tests.serve.conftest import SDXL_REPLICAS
+from tests.serve.test_front_proxy import front_proxy
 
 pytestmark = pytest.mark.serve
 
 REPLICAS = {"zimage": 1, "sdxl": SDXL_REPLICAS}
 
 
-def loadtest(service, out: Path, *args: str) -> dict:
-    """Run the runner against the session's app; its report."""
+def loadtest(service, out: Path, *args: str, url: str | None = None) -> dict:
+    """Run the runner against the session's app (at `url`: in front of it); its report."""
     done = subprocess.run(
-        [sys.executable, "-m", "load_tests.loadtest", "--url", service.url,
+        [sys.executable, "-m", "load_tests.loadtest", "--url", url or service.url,
          "--metrics-url", service.metrics_url, "--metrics-settle", "3", "--out", str(out),
          *args],
         cwd=ROOT,
@@ -95,6 +96,28 @@ def test_overload_at_10x_refuses_fast_and_draws_only_correct_images(service, cap
     assert refusals["p50_ms"] <= 1000, seen
     assert refusals["p95_ms"] <= 3000, seen
     assert refusals["p95_ms"] <= overload["latency_ok"]["p50_ms"] / 5, seen
+    assert not overload["after"]["stuck"], seen
+
+
+def test_overload_at_10x_through_nginx_refuses_every_one_within_100_ms(service, capacity, tmp_path):
+    # The shipped front proxy, as production runs it (README: "Behind a load balancer,
+    # never bare"), with each model shed at what the app takes in; every locust client
+    # comes from 127.0.0.1, so the per-address limit is lifted.
+    upstream, workdir = service.url.removeprefix("http://"), tmp_path / "nginx"
+    workdir.mkdir()
+    with front_proxy(upstream, workdir, per_client=10_000) as front:
+        report = loadtest(service, tmp_path / "report", "--scenario", "overload", "--duration",
+                          "60", "--capacity", str(capacity), "--stop-timeout", "30",
+                          url=front.url)  # fmt: skip
+        overload = report["scenarios"]["overload"]
+        seen = f"capacity {capacity}/s; overload:\n{figures(overload)}\n{front.log()[-3000:]}"
+    assert overload["unexpected_5xx"] == 0, seen
+    assert overload["wrong_images"] == 0, seen
+    assert overload["outcomes"].get("no_answer", 0) == 0, seen
+    assert overload["outcomes"].get("ok", 0) > 0, seen
+    refusals = overload["refusals"]
+    assert refusals["n"] > 0, seen
+    assert refusals["over_target"] == 0, seen  # every refusal within 100 ms
     assert not overload["after"]["stuck"], seen
 
 
