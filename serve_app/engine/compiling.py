@@ -27,7 +27,8 @@ def configure_dynamo() -> None:
     order of summation). Without it a restarted H100 replica, which loaded every graph
     from the compile cache, drew seed 0 differently from the start that compiled them
     (max 6 levels, PSNR 48.5 dB; *perf-7*), while each start repeated its own image
-    exactly.
+    exactly. With it the restart was identical in *perf-8*, but 6 levels apart again on
+    another H100 (*perf-11*): another difference between the two processes remains.
     """
     torch.fx.experimental._config.use_duck_shape = False
     torch._inductor.config.deterministic = True
