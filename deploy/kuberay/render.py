@@ -10,6 +10,7 @@ docs/kubernetes.md says how to deploy it.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -219,7 +220,13 @@ def taken_in(serve_config: dict) -> dict[str, int]:
     for model in app["args"]["models"]:
         denoiser = deployments.get(f"Denoiser-{model['id']}", {})
         scaling = denoiser.get("autoscaling_config")
-        replicas = scaling["max_replicas"] if scaling else denoiser.get("num_replicas", 1)
+        # Serve's defaults: one replica; max_replicas 1 when autoscaling.
+        replicas = scaling.get("max_replicas", 1) if scaling else denoiser.get("num_replicas", 1)
+        if not isinstance(replicas, int):
+            raise ValueError(
+                f"Denoiser-{model['id']}: num_replicas {replicas!r}; give autoscaling_config "
+                "a max_replicas, which the front proxy's number is made from"
+            )
         out[model["id"]] = model.get("requests_per_replica", 4) * replicas
     return out
 
@@ -234,12 +241,23 @@ def nginx_conf(conf: str, serve_config: dict) -> str:
         "access_log /var/log/nginx/t2i.access.log t2i;": "access_log /dev/stdout t2i;",
         "server_name t2i.example.com;": "server_name _;",
     }
-    for model, n in taken_in(serve_config).items():
+    numbers = taken_in(serve_config)
+    for model, n in numbers.items():
         changes[f"limit_conn t2i_shed_{model} 4;"] = f"limit_conn t2i_shed_{model} {n};"
     for old, new in changes.items():
         if old not in conf:
             raise ValueError(f"deploy/nginx/t2i.conf has no {old!r}: update it or render.py")
         conf = conf.replace(old, new)
+    # The requests that name no model are the first model's, in the service and here.
+    first = next(iter(numbers))
+    if f'map $http_x_t2i_model $t2i_shed_{first} {{ {first} 1; "" 1;' not in conf:
+        raise ValueError(f"deploy/nginx/t2i.conf: count the requests naming no model as {first}'s")
+    counted = re.findall(r"limit_conn t2i_shed_(\S+) \d+;", conf)
+    if sorted(counted) != sorted(numbers):
+        raise ValueError(
+            f"deploy/nginx/t2i.conf counts {counted}, the serve config serves "
+            f"{list(numbers)}: give each model its lines"
+        )
     return conf
 
 

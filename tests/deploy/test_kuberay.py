@@ -125,7 +125,7 @@ def test_the_dashboard_configmap_is_the_dashboard(docs):
 def test_the_front_proxy_strips_ray_headers_and_sends_to_the_serve_service(docs):
     (cm,) = [d for d in kind(docs, "ConfigMap") if d["metadata"]["name"] == "t2i-nginx"]
     conf = cm["data"]["t2i.conf"]
-    assert "server t2i-serve-svc:8000;" in conf and "127.0.0.1" not in conf
+    assert "server t2i-serve-svc:8000;" in conf and "127.0.0.1:8000" not in conf
     for header in ("x-request-disconnect-disabled", "x-request-timeout-seconds"):
         assert f'proxy_set_header {header} "";' in conf
     # Each model shed past what its Denoisers take in at most: requests_per_replica 4 x

@@ -90,13 +90,13 @@ def render(upstream: str, port: int, workdir: Path, shed: dict[str, int], per_cl
     text = CONFIG.read_text()
     assert text.count("limit_conn t2i_per_client 16;") == 2, "both generation locations"
     text = text.replace("limit_conn t2i_per_client 16;", f"limit_conn t2i_per_client {per_client};")
-    socket_path = workdir / "shed.sock"
+    second_pass = free_port()
     for line, new in (
         ("server 127.0.0.1:8000;", f"server {upstream};"),
         ("listen 80;", f"listen 127.0.0.1:{port};"),
         ("access_log /var/log/nginx/t2i.access.log t2i;", f"access_log {workdir}/access.log t2i;"),
-        ("server unix:/run/t2i-shed.sock;", f"server unix:{socket_path};"),
-        ("listen unix:/run/t2i-shed.sock;", f"listen unix:{socket_path};"),
+        ("server 127.0.0.1:8081;", f"server 127.0.0.1:{second_pass};"),
+        ("listen 127.0.0.1:8081;", f"listen 127.0.0.1:{second_pass};"),
         *(
             (f"limit_conn t2i_shed_{model} 4;", f"limit_conn t2i_shed_{model} {n};")
             for model, n in shed.items()
