@@ -46,6 +46,10 @@ LAG_PROBE_S = 0.01  # the sleep whose lateness measures this process's own delay
 T0 = time.monotonic()
 RECORDS: list[dict] = []
 LAGS: deque[float] = deque(maxlen=100_000)
+# The probe's wake-ups later than STALL_S: (when, since T0; how late), for the runner to
+# tell a client's own stall from a slow answer.
+STALL_S = 0.005
+STALLS: list[tuple[float, float]] = []
 STARTS: deque[float] = deque(maxlen=100_000)  # when each drawer's request started
 
 
@@ -96,7 +100,11 @@ def _lag_probe() -> None:
     while True:
         slept = time.monotonic()
         gevent.sleep(LAG_PROBE_S)
-        LAGS.append(time.monotonic() - slept - LAG_PROBE_S)
+        woke = time.monotonic()
+        lag = woke - slept - LAG_PROBE_S
+        LAGS.append(lag)
+        if lag > STALL_S:
+            STALLS.append((round(woke - T0, 4), round(lag, 5)))
 
 
 @events.quitting.add_listener
@@ -104,7 +112,8 @@ def _write(environment, **kwargs) -> None:
     options = environment.parsed_options
     if options is not None and options.records:
         with open(options.records, "w") as f:
-            json.dump({"records": RECORDS, "client_lag_s": [round(x, 5) for x in LAGS]}, f)
+            lags = [round(x, 5) for x in LAGS]
+            json.dump({"records": RECORDS, "client_lag_s": lags, "client_stalls": STALLS}, f)
 
 
 def record(kind: traffic.Kind, started: float, latency_s: float, status: int, verdict, **extra):

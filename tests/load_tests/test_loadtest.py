@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from load_tests import scenarios, traffic
-from load_tests.loadtest import checks, summarise
+from load_tests.loadtest import checks, stalled_s, summarise
 
 SMALL = traffic.Kind("small", "zimage", "256x256", 4, False, 1)
 STREAMED = traffic.Kind("small-stream", "zimage", "256x256", 4, True, 1)
@@ -80,6 +80,21 @@ def test_only_deliberate_503s_pass_and_slow_refusals_miss_the_target():
     for bad in (row(503, "refused_without_retry_after"), row(504, "deadline"),
                 row(200, "stream_error"), row(502, "server_error")):  # fmt: skip
         assert summarise([*records, bad])["unexpected_5xx"] == 1, bad
+
+
+def test_a_refusals_latency_net_of_the_clients_own_stalls_meanwhile():
+    # 0.3 s on the client's clock, 0.25 s of it the client's loop stalled (its probe woke
+    # 0.25 s late at 1.28): 0.05 s the service's. The same 0.3 s with no stall is over.
+    stalled = {**row(429, "refused", 0.3), "t": 1.0}
+    slow = {**row(429, "refused", 0.3), "t": 5.0}
+    stalls = [(1.28, 0.25), (3.0, 0.5)]  # the second ends before either refusal's span
+    assert stalled_s(stalled, stalls) == pytest.approx(0.25)
+    assert stalled_s(slow, stalls) == 0.0
+    refusals = summarise([stalled, slow], stalls)["refusals"]
+    assert refusals["over_target"] == 2
+    assert refusals["over_target_net_of_client_stalls"] == 1
+    assert refusals["max_net_of_client_stalls_ms"] == 300.0
+    assert summarise([stalled], stalls)["refusals"]["over_target_net_of_client_stalls"] == 0
 
 
 def test_a_client_that_left_or_was_stopped_has_no_status_and_failed_checks_are_named():
