@@ -505,6 +505,25 @@ class Bench:
         self.result["service_card_peak_mib"] = card.peak_mib
         self.log("throughput", self.result["throughput"], "card peak MiB", card.peak_mib)
 
+    def service_card(self, svc) -> None:
+        """The whole card (nvidia-smi, every process) while 16 clients are served, for
+        each configuration, less this process's own idle share, against stock's card
+        peak for the same configuration (issue 13: at or under stock at every size)."""
+        baseline = self.result["service_card_baseline_mib"]
+        out = {}
+        for config in self.configs:
+            with CardMemory(self.device) as card:
+                self.throughput(svc.url, config, concurrency=(16,), per_client=1)
+            served = card.peak_mib - baseline
+            stock = self.result.get("stock", {}).get(config["name"], {}).get("card_peak_mib")
+            out[config["name"]] = {
+                "served_card_peak_mib": served,
+                "stock_card_peak_mib": stock,
+                "served_over_stock": round(served / stock, 3) if stock else None,
+            }
+            self.log("card", config["name"], out[config["name"]])
+        self.result["service_card"] = out
+
     def service_vram_table(self, svc) -> None:
         """Per-stage VRAM peaks at each size: from the JSON answer and, for the same
         request, from the metrics the replicas export (t2i_stage_vram_peak_last_bytes)."""
@@ -604,7 +623,15 @@ class Bench:
         }
         self.log("cancellations", self.result["cancellations"])
 
-    def throughput(self, url: str, config: dict) -> dict:
+    def throughput(
+        self,
+        url: str,
+        config: dict,
+        concurrency: tuple[int, ...] = CONCURRENCY,
+        per_client: int | None = None,
+    ) -> dict:
+        """Closed-loop clients at each `concurrency`, each sending `per_client` requests
+        (default: 2 x --runs over the clients, at least 2)."""
         body = self.body(config, seed=None)
 
         async def client(http, n, latencies):
@@ -615,15 +642,13 @@ class Bench:
                 latencies.append(time.perf_counter() - start)
 
         async def run(concurrency: int) -> dict:
-            per_client = max(2, self.args.runs * 2 // concurrency)
+            n = per_client or max(2, self.args.runs * 2 // concurrency)
             latencies: list[float] = []
             limits = httpx.Limits(max_connections=concurrency)
             async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
                 await client(http, 1, [])  # warm the connection pool
                 start = time.perf_counter()
-                await asyncio.gather(
-                    *(client(http, per_client, latencies) for _ in range(concurrency))
-                )
+                await asyncio.gather(*(client(http, n, latencies) for _ in range(concurrency)))
                 wall = time.perf_counter() - start
             return {
                 "requests": len(latencies),
@@ -631,7 +656,7 @@ class Bench:
                 "latency": summary(latencies),
             }
 
-        return {str(c): asyncio.run(run(c)) for c in CONCURRENCY}
+        return {str(c): asyncio.run(run(c)) for c in concurrency}
 
     # --- the sensitivity study: steps x guidance x resolution --------------------------
 
@@ -1104,6 +1129,20 @@ def markdown(result: dict) -> str:
         lines += ["", "| concurrent clients | images/s | latency p50 ms |", "|---|---|---|"]
         for c, t in result["throughput"].items():
             lines.append(f"| {c} | {t['images_per_s']} | {t['latency'].get('p50_ms')} |")
+    if result.get("service_card"):
+        lines += [
+            "",
+            "The whole card (nvidia-smi, every process) while 16 clients were served, less "
+            "this process's idle share, against stock's card peak (MiB):",
+            "",
+            "| config | served | stock | served / stock |",
+            "|---|---|---|---|",
+        ]
+        for name, c in result["service_card"].items():
+            lines.append(
+                f"| {name} | {c['served_card_peak_mib']} | {c['stock_card_peak_mib']} "
+                f"| {c['served_over_stock']} |"
+            )
     gib = lambda b: round(b / 2**30, 2)  # noqa: E731
     if result.get("vram_table"):
         lines += [
@@ -1196,7 +1235,7 @@ def main() -> None:
         "--service-parts",
         nargs="+",
         default=["configs", "throughput", "vram_table"],
-        help="of: configs throughput vram_table cancellations",
+        help="of: configs throughput card vram_table cancellations",
     )
     parser.add_argument("--disconnects", type=int, default=200)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)

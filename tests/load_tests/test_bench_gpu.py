@@ -18,7 +18,7 @@ def test_harness_smoke_run(tmp_path):
          "--runs", "1", "--out", str(tmp_path), "--phases", "levers", "reference", "stock",
          "engine", "sweep", "service", "restart", "fp8_eager", "fp8", "profile_24gb", "sdxl",
          "lora",
-         "--service-parts", "configs", "throughput", "vram_table", "cancellations",
+         "--service-parts", "configs", "throughput", "card", "vram_table", "cancellations",
          "--disconnects", "4", "--keep-going"],
         cwd=ROOT,
         check=True,
@@ -34,6 +34,9 @@ def test_harness_smoke_run(tmp_path):
     assert result["engine"]["1024-turbo"]["stages"]["denoise"]["p50_ms"] > 0
     assert result["stock"]["1024-turbo"]["step_ms"] > 0
     assert set(result["throughput"]) == {"1", "4", "16"}
+    # The whole card per configuration, beside stock's (no nvidia-smi here: zeros).
+    assert set(result["service_card"]) == set(names)
+    assert result["service_card"]["1024-turbo"]["stock_card_peak_mib"] == 0
     levers = result["levers"]
     assert levers["step_ours_eager_rel_err_vs_fp32"] < 1e-5  # fp32 on the CPU: same math
     assert levers["png_isal1_random_weights_output_bytes"] > 0
