@@ -641,14 +641,14 @@ class Bench:
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - start)
 
-        async def run(concurrency: int) -> dict:
-            n = per_client or max(2, self.args.runs * 2 // concurrency)
+        async def run(clients: int) -> dict:
+            n = per_client or max(2, self.args.runs * 2 // clients)
             latencies: list[float] = []
-            limits = httpx.Limits(max_connections=concurrency)
+            limits = httpx.Limits(max_connections=clients)
             async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as http:
                 await client(http, 1, [])  # warm the connection pool
                 start = time.perf_counter()
-                await asyncio.gather(*(client(http, n, latencies) for _ in range(concurrency)))
+                await asyncio.gather(*(client(http, n, latencies) for _ in range(clients)))
                 wall = time.perf_counter() - start
             return {
                 "requests": len(latencies),
