@@ -69,19 +69,28 @@ def capacity(service, tmp_path_factory) -> float:
     return report["capacity"]["rps"]
 
 
-def test_overload_at_10x_refuses_fast_and_draws_only_correct_images(service, capacity, tmp_path):
-    # Requests still waiting 30 s after the end are left (and counted as unfinished).
-    report = loadtest(service, tmp_path / "report", "--scenario", "overload", "--duration",
-                      "60", "--capacity", str(capacity), "--stop-timeout", "30")  # fmt: skip
+def overload_at_10x(service, capacity: float, out: Path, url: str | None = None) -> dict:
+    """60 s at 10x the app's capacity (through `url`: a front); requests still waiting 30
+    s after the end are left (and counted as unfinished). The report's section, once
+    checked for what every overload must hold: no 5xx but deliberate 503s, no wrong
+    image, none unanswered, some drawn, and (10x what it can draw: a service that bounds
+    its queue) some refused."""
+    report = loadtest(service, out, "--scenario", "overload", "--duration", "60",
+                      "--capacity", str(capacity), "--stop-timeout", "30", url=url)  # fmt: skip
     overload = report["scenarios"]["overload"]
     seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
     assert overload["unexpected_5xx"] == 0, seen
     assert overload["wrong_images"] == 0, seen
     assert overload["outcomes"].get("no_answer", 0) == 0, seen
     assert overload["outcomes"].get("ok", 0) > 0, seen
-    # 10x what it can draw: a service that bounds its queue must have refused, and fast.
+    assert overload["refusals"]["n"] > 0, seen
+    return overload
+
+
+def test_overload_at_10x_refuses_fast_and_draws_only_correct_images(service, capacity, tmp_path):
+    overload = overload_at_10x(service, capacity, tmp_path / "report")
+    seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
     refusals = overload["refusals"]
-    assert refusals["n"] > 0, seen
     # The target is every refusal within 100 ms; on this 2-core machine it is not met and
     # not held: a third to three quarters take longer. Each costs ~10 ms of CPU in Ray's
     # proxy and the ingress, most of it Ray Serve's own request path, and at 10x (~50
@@ -106,17 +115,9 @@ def test_overload_at_10x_through_nginx_refuses_every_one_within_100_ms(service, 
     upstream, workdir = service.url.removeprefix("http://"), tmp_path / "nginx"
     workdir.mkdir()
     with front_proxy(upstream, workdir, per_client=10_000) as front:
-        report = loadtest(service, tmp_path / "report", "--scenario", "overload", "--duration",
-                          "60", "--capacity", str(capacity), "--stop-timeout", "30",
-                          url=front.url)  # fmt: skip
-        overload = report["scenarios"]["overload"]
+        overload = overload_at_10x(service, capacity, tmp_path / "report", url=front.url)
         seen = f"capacity {capacity}/s; overload:\n{figures(overload)}\n{front.log()[-3000:]}"
-    assert overload["unexpected_5xx"] == 0, seen
-    assert overload["wrong_images"] == 0, seen
-    assert overload["outcomes"].get("no_answer", 0) == 0, seen
-    assert overload["outcomes"].get("ok", 0) > 0, seen
     refusals = overload["refusals"]
-    assert refusals["n"] > 0, seen
     # Every refusal within 100 ms, net of the load generator's own stalls: it shares the 2
     # cores with the cluster, and the time its own loop stalled while a refusal was in
     # flight is not the front's (a clean-clone run had one refusal of 2584 at 265 ms on
