@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,7 +69,7 @@ def percentiles(values: list[float]) -> dict:
     }
 
 
-def stalled_s(record: dict, stalls: list[tuple[float, float]]) -> float:
+def stalled_s(record: dict, stalls: Sequence[tuple[float, float]]) -> float:
     """How long the client's own event loop was stalled while `record` was in flight:
     each stall (the lag probe woke `lag` s late at `at`) blocked the loop from `at - lag`
     to `at`, and an answer that arrived then was read only after it."""
@@ -76,7 +77,7 @@ def stalled_s(record: dict, stalls: list[tuple[float, float]]) -> float:
     return sum(max(0.0, min(end, at) - max(start, at - lag)) for at, lag in stalls)
 
 
-def summarise(records: list[dict], stalls: list[tuple[float, float]] = ()) -> dict:
+def summarise(records: list[dict], stalls: Sequence[tuple[float, float]] = ()) -> dict:
     """What the report says of one scenario's records (locustfile.record). Rates are
     over the time requests were sent (offered) and until the last answer (answered).
     `stalls`: the client's own (locustfile.STALLS), for refusals' latencies net of them."""
