@@ -371,7 +371,11 @@ class Bench:
             "model": str(path),
             "compile": self.args.compile,
             "attention_backend": self.args.attention,
-            "options": {"fuse_projections": self.args.fuse, "cuda_graphs": self.args.graphs},
+            "options": {
+                "fuse_projections": self.args.fuse,
+                "cuda_graphs": self.args.graphs,
+                "precision": self.args.service_precision,
+            },
             # The run's cache: empty unless --compile-cache named an earlier run's; the
             # first start fills it and the `restart` phase starts again on it.
             "compile_cache_dir": str(self.compile_cache),
@@ -393,6 +397,7 @@ class Bench:
             local_service(Path(tmp), [model], num_gpus=1, ready_timeout_s=900) as svc,
         ):
             self.result["service_setup"] = {
+                "precision": self.args.service_precision,
                 "ready_s": round(svc.ready_s, 1),
                 "encoder": svc.handle("PromptEncoder").describe.remote().result(),
                 "denoiser": svc.handle("Denoiser").describe.remote().result(),
@@ -1098,6 +1103,8 @@ def markdown(result: dict) -> str:
         f"- measured dense bf16 matmul: {env.get('matmul_bf16_tflops')} TFLOP/s",
         f"- runs per configuration after one warm-up: {result.get('runs')}",
     ]
+    if (precision := result.get("service_setup", {}).get("precision", "default")) != "default":
+        lines.append(f"- the service's transformer (and the restarts'): precision {precision}")
     if any(result.get(path) for path in ("stock", "engine", "service")):  # Z-Image phases
         lines += [
             "",
@@ -1271,6 +1278,13 @@ def main() -> None:
         default="replica",
         help="the fp8 phase's warm-up: a replica's (every guidance and mask path), or only "
         "each configuration's first, untimed run (its own path: a shorter cold compile)",
+    )
+    parser.add_argument(
+        "--service-precision",
+        choices=["default", "fp8"],
+        default="default",
+        help="the Z-Image transformer's precision in the service and restart phases "
+        "(options.precision; default: the model's dtype, as served)",
     )
     parser.add_argument(
         "--restart-env",

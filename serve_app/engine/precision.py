@@ -18,13 +18,24 @@ import torch
 FP8_CAPABILITY = (8, 9)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes `tensor` holds: a quantised tensor's (a torchao subclass reporting its
-    logical dtype) are its inner data's and scales'."""
+def stored(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors `tensor` is stored in: itself, or a quantised tensor's (a
+    torchao subclass reporting its logical dtype) inner data and scales."""
     if hasattr(tensor, "__tensor_flatten__"):
         names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return tensor.numel() * tensor.element_size()
+        return [inner for name in names for inner in stored(getattr(tensor, name))]
+    return [tensor]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes `tensor` holds, a quantised one's at their real size."""
+    return sum(inner.numel() * inner.element_size() for inner in stored(tensor))
+
+
+def has_float8(model: torch.nn.Module) -> bool:
+    """Whether any of `model`'s parameters is stored in float8."""
+    float8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    return any(inner.dtype in float8 for p in model.parameters() for inner in stored(p))
 
 
 def weights_bytes(modules: list[torch.nn.Module]) -> int:
