@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 
-from serve_app.engine.precision import has_float8
-
 # Graphs one compiled code object may keep. All of Z-Image's transformer blocks share one
 # forward (the main layers and both refiners, with and without modulation), compiled for
 # batch 1 and 2, with and without an attention mask: 8 graphs after the warm-up, Dynamo's
@@ -39,21 +37,12 @@ def configure_dynamo() -> None:
     )
 
 
-# Inductor's options for a model with float8 weights: its float8 matrix products through
-# ATen's kernel (cuBLASLt) alone. Without max-autotune inductor still compiles Triton
-# templates of float8 products beside it and picks between them by timing each: a
-# Z-Image replica in float8 took 369 s to compile one path on an H100 (*perf-10*) and
-# over 470 s for its warm-up (*perf-9*), against 55-95 s for all of bf16's.
-FLOAT8_OPTIONS = {"max_autotune_gemm_backends": "ATEN"}
-
-
 def compile_blocks(model: torch.nn.Module) -> None:
     """Regional compilation of a diffusers model's repeated blocks, with dynamic shapes:
     one compilation serves every size, prompt length and batch; the first calls compile.
     Every copy of a model is compiled through here, so that all compile alike."""
     configure_dynamo()
-    options = FLOAT8_OPTIONS if has_float8(model) else None
-    model.compile_repeated_blocks(fullgraph=True, dynamic=True, options=options)
+    model.compile_repeated_blocks(fullgraph=True, dynamic=True)
 
 
 def use_compile_cache(folder: Path) -> None:

@@ -17,25 +17,25 @@ import torch
 # Float8 matrix products need Ada (8.9) or Hopper (9.0) tensor cores or newer.
 FP8_CAPABILITY = (8, 9)
 
-
-def stored(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors `tensor` is stored in: itself, or a quantised tensor's (a
-    torchao subclass reporting its logical dtype) inner data and scales."""
-    if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return [inner for name in names for inner in stored(getattr(tensor, name))]
-    return [tensor]
+# Passed to torchao's quantisation configs so that they leave inductor's settings alone.
+# By default (`set_inductor_config=True`) quantising turns on coordinate-descent tuning
+# for the whole process: every Triton kernel compiled after it, in every region, is timed
+# in dozens of variants on its first call. On an H100, two float8 feed-forward blocks
+# compiled for a batch of 2 took 23.1 s to their first output with it and 1.6 s without
+# (64 coordinate-descent timings against none; *-2026-12-06-f8-inductor*); a float8
+# Z-Image replica's warm-up had run past 470 s (*perf-9*, *perf-13*). It also chose
+# kernels by timing them, which inductor's deterministic mode (compiling.configure_dynamo)
+# is there to avoid.
+KEEP_INDUCTOR_CONFIG = {"set_inductor_config": False}
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes `tensor` holds, a quantised one's at their real size."""
-    return sum(inner.numel() * inner.element_size() for inner in stored(tensor))
-
-
-def has_float8(model: torch.nn.Module) -> bool:
-    """Whether any of `model`'s parameters is stored in float8."""
-    float8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-    return any(inner.dtype in float8 for p in model.parameters() for inner in stored(p))
+    """Bytes `tensor` holds: a quantised tensor's (a torchao subclass reporting its
+    logical dtype) are its inner data's and scales'."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def weights_bytes(modules: list[torch.nn.Module]) -> int:
@@ -81,7 +81,7 @@ def quantize_fp8(model: torch.nn.Module, targets: str, device: torch.device) -> 
         raise ValueError(f"precision fp8: no linear layer matches {targets!r}")
     quantize_(
         model,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **KEEP_INDUCTOR_CONFIG),
         filter_fn=lambda module, name: name in chosen,
         device=device,
     )
@@ -107,5 +107,5 @@ def quantize_int8_weights(module: torch.nn.Module, device: torch.device) -> int:
     def linear(module: torch.nn.Module, _name: str = "") -> bool:
         return isinstance(module, torch.nn.Linear)
 
-    quantize_(module, Int8WeightOnlyConfig(), filter_fn=linear, device=device)
+    quantize_(module, Int8WeightOnlyConfig(**KEEP_INDUCTOR_CONFIG), filter_fn=linear, device=device)
     return sum(map(linear, module.modules()))

@@ -3,8 +3,6 @@ what the first compiled, and draws the same pixels (load_tests/probe_compile_cac
 `draw`, which also records inductor's cache-key details for each graph)."""
 
 import numpy as np
-import pytest
-import torch
 
 from load_tests.probe_compile_cache import differences, draw
 
@@ -34,31 +32,3 @@ def test_fitting_the_preview_map_compiles_nothing():
     before = compile_cache_stats()
     den.fit_preview()
     assert compile_cache_stats() == before
-
-
-def test_a_model_with_float8_weights_compiles_its_products_through_aten_alone():
-    """Float8 products are compiled through ATen's kernel only: inductor's Triton
-    templates beside it, each timed, took a float8 replica's warm-up past 470 s on an
-    H100 (*perf-9*, *perf-10*). A bf16 model keeps inductor's defaults."""
-    pytest.importorskip("torchao")
-    from torchao.quantization import Float8Tensor, PerRow
-
-    from serve_app.engine.compiling import FLOAT8_OPTIONS, compile_blocks
-
-    class Blocks(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(16, 8, bias=False, dtype=torch.bfloat16)
-            self.compiled_with = None
-
-        def compile_repeated_blocks(self, **kwargs):
-            self.compiled_with = kwargs
-
-    plain, quantised = Blocks(), Blocks()
-    weight = Float8Tensor.from_hp(quantised.linear.weight.detach(), granularity=PerRow())
-    quantised.linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    compile_blocks(plain)
-    compile_blocks(quantised)
-    assert plain.compiled_with == {"fullgraph": True, "dynamic": True, "options": None}
-    assert quantised.compiled_with["options"] == FLOAT8_OPTIONS
-    assert FLOAT8_OPTIONS["max_autotune_gemm_backends"] == "ATEN"

@@ -45,3 +45,18 @@ def test_an_unknown_encoder_precision_is_refused():
 
 def test_a_plain_tensor_counts_its_elements():
     assert tensor_bytes(torch.zeros(3, 5, dtype=torch.bfloat16)) == 30
+
+
+def test_quantising_leaves_inductors_settings_alone():
+    """torchao's configs turn on coordinate-descent tuning for the whole process unless
+    told not to: every kernel compiled after it timed in dozens of variants (a float8
+    replica's warm-up past 470 s on an H100; *-2026-12-06-f8-inductor*)."""
+    import torch._inductor.config as inductor
+
+    settings = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+                "force_fuse_int_mm_with_mul")  # fmt: skip
+    with inductor.patch({name: False for name in settings}):
+        load_encoder("tiny", "cpu", "float32", precision="int8")
+        assert {name: getattr(inductor, name) for name in settings} == dict.fromkeys(
+            settings, False
+        )
