@@ -8,7 +8,8 @@ first output of each new input shape, with inductor's counters and compile times
   python -m load_tests.probe_fp8_compile aten      # as default, float8 products on ATen only
 
 The shapes: (1, 4096) and (1, 4160) tokens (one graph, dynamic), then a batch of 2 (a
-second graph, as guidance compiles). *-2026-12-06-f8-inductor.md* has what it showed.
+second graph, as guidance compiles). *-2026-12-06-perf-12-to-14.md* has what it showed
+(its output: *-2026-12-06-f8-inductor.log*, where `keep` ran as `noset`).
 """
 
 import sys
