@@ -394,10 +394,13 @@ class Bench:
         self.result["service_card_baseline_mib"] = CardMemory(self.device).read()
         with (
             tempfile.TemporaryDirectory() as tmp,
-            local_service(Path(tmp), [model], num_gpus=1, ready_timeout_s=900) as svc,
+            local_service(
+                Path(tmp), [model], num_gpus=1, ready_timeout_s=900, env=self.service_env
+            ) as svc,
         ):
             self.result["service_setup"] = {
                 "precision": self.args.service_precision,
+                "env": self.service_env,
                 "ready_s": round(svc.ready_s, 1),
                 "encoder": svc.handle("PromptEncoder").describe.remote().result(),
                 "denoiser": svc.handle("Denoiser").describe.remote().result(),
@@ -414,14 +417,18 @@ class Bench:
         Denoiser loaded and compiled, and its first image of seed 0 against the first
         start's (a cached start must draw the same pixels). Then once more for each
         --restart-env setting, with that environment variable set in the replicas."""
-        self.result["service_restart"] = self.start_again(path, {})
+        self.result["service_restart"] = self.start_again(path, self.service_env)
         self.log("service restart", self.result["service_restart"])
         for setting in self.args.restart_env:
-            name, _, value = setting.partition("=")
-            out = self.start_again(path, {name: value})
+            out = self.start_again(path, {**self.service_env, **env_settings([setting])})
             self.result.setdefault("service_restart_env", {})[setting] = out
             self.log("service restart", setting, out)
             self.save()
+
+    @property
+    def service_env(self) -> dict[str, str]:
+        """--service-env: set in the replicas of the service and restart phases."""
+        return env_settings(self.args.service_env)
 
     def start_again(self, path: Path, env: dict[str, str]) -> dict:
         from load_tests.local_service import local_service
@@ -1004,6 +1011,11 @@ class Bench:
         self.log("wrote", stem.with_suffix(".json"), stem.with_suffix(".md"))
 
 
+def env_settings(settings: list[str]) -> dict[str, str]:
+    """NAME=VALUE settings as a dict."""
+    return dict(setting.partition("=")[::2] for setting in settings)
+
+
 def engine_params(config: dict):
     """Our engine's request for PROMPT at `config`, seed 0."""
     from serve_app.messages import GenerationParams
@@ -1104,8 +1116,11 @@ def markdown(result: dict) -> str:
         f"- measured dense bf16 matmul: {env.get('matmul_bf16_tflops')} TFLOP/s",
         f"- runs per configuration after one warm-up: {result.get('runs')}",
     ]
-    if (precision := result.get("service_setup", {}).get("precision", "default")) != "default":
+    setup = result.get("service_setup", {})
+    if (precision := setup.get("precision", "default")) != "default":
         lines.append(f"- the service's transformer (and the restarts'): precision {precision}")
+    if env := setup.get("env"):
+        lines.append(f"- set in the service's replicas (and the restarts'): {env}")
     if any(result.get(path) for path in ("stock", "engine", "service")):  # Z-Image phases
         lines += [
             "",
@@ -1286,6 +1301,14 @@ def main() -> None:
         default="default",
         help="the Z-Image transformer's precision in the service and restart phases "
         "(options.precision; default: the model's dtype, as served)",
+    )
+    parser.add_argument(
+        "--service-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variables set in the replicas of the service and restart phases "
+        "(a lever to compare, e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)",
     )
     parser.add_argument(
         "--restart-env",

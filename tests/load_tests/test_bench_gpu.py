@@ -19,7 +19,7 @@ def test_harness_smoke_run(tmp_path):
          "engine", "sweep", "service", "restart", "fp8_eager", "fp8", "profile_24gb", "sdxl",
          "lora",
          "--service-parts", "configs", "throughput", "card", "vram_table", "cancellations",
-         "--disconnects", "4", "--keep-going"],
+         "--disconnects", "4", "--service-env", "T2I_BENCH_SMOKE=1", "--keep-going"],
         cwd=ROOT,
         check=True,
         timeout=600,
@@ -56,6 +56,7 @@ def test_harness_smoke_run(tmp_path):
     assert min(parts.values()) >= 0, parts
     assert abs(sum(parts.values()) - restart["denoiser"]["ready_s"]) < 0.01, parts
     assert "| service, restarted |" in result_file.with_suffix(".md").read_text()
+    assert result["service_setup"]["env"] == {"T2I_BENCH_SMOKE": "1"}
     assert result["cancellations"]["disconnects"] == 4
     assert result["cancellations"]["request_after_status"] == 200
     assert len(result["sweep"]) == 2 * 2 * 2  # sizes x guidance x steps
