@@ -69,16 +69,19 @@ def capacity(service, tmp_path_factory) -> float:
     return report["capacity"]["rps"]
 
 
-def overload_at_10x(service, capacity: float, out: Path, url: str | None = None) -> dict:
-    """60 s at 10x the app's capacity (through `url`: a front); requests still waiting 30
-    s after the end are left (and counted as unfinished). The report's section, once
-    checked for what every overload must hold: no 5xx but deliberate 503s, no wrong
-    image, none unanswered, some drawn, and (10x what it can draw: a service that bounds
-    its queue) some refused."""
+def overload_at_10x(service, capacity: float, out: Path, front=None) -> dict:
+    """60 s at 10x the app's capacity (through `front`'s url, with its log in a failure's
+    message, where one is given); requests still waiting 30 s after the end are left
+    (and counted as unfinished). The report's section, once checked for what every
+    overload must hold: no 5xx but deliberate 503s, no wrong image, none unanswered, some
+    drawn, and (10x what it can draw: a service that bounds its queue) some refused."""
+    url = front.url if front is not None else None
     report = loadtest(service, out, "--scenario", "overload", "--duration", "60",
                       "--capacity", str(capacity), "--stop-timeout", "30", url=url)  # fmt: skip
     overload = report["scenarios"]["overload"]
     seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
+    if front is not None:
+        seen += f"\n{front.log()[-3000:]}"
     assert overload["unexpected_5xx"] == 0, seen
     assert overload["wrong_images"] == 0, seen
     assert overload["outcomes"].get("no_answer", 0) == 0, seen
@@ -115,7 +118,7 @@ def test_overload_at_10x_through_nginx_refuses_every_one_within_100_ms(service, 
     upstream, workdir = service.url.removeprefix("http://"), tmp_path / "nginx"
     workdir.mkdir()
     with front_proxy(upstream, workdir, per_client=10_000) as front:
-        overload = overload_at_10x(service, capacity, tmp_path / "report", url=front.url)
+        overload = overload_at_10x(service, capacity, tmp_path / "report", front)
         seen = f"capacity {capacity}/s; overload:\n{figures(overload)}\n{front.log()[-3000:]}"
     refusals = overload["refusals"]
     # Every refusal within 100 ms, net of the load generator's own stalls: it shares the 2
