@@ -23,7 +23,8 @@ FP8_CAPABILITY = (8, 9)
 # in dozens of variants on its first call. On an H100, two float8 feed-forward blocks
 # compiled for a batch of 2 took 23.1 s to their first output with it and 1.6 s without
 # (64 coordinate-descent timings against none; *-2026-12-06-f8-inductor*); a float8
-# Z-Image replica's warm-up had run past 470 s (*perf-9*, *perf-13*). It also chose
+# Z-Image replica's warm-up had run past 470 s (*perf-9*, *perf-13*); without it the
+# replica was ready in 158.6 s, for a step about 3% slower (*perf-15*). It also chose
 # kernels by timing them, which inductor's deterministic mode (compiling.configure_dynamo)
 # is there to avoid.
 KEEP_INDUCTOR_CONFIG = {"set_inductor_config": False}
