@@ -69,6 +69,13 @@ def capacity(service, tmp_path_factory) -> float:
     return report["capacity"]["rps"]
 
 
+def seen_in(capacity: float, overload: dict, front=None) -> str:
+    """A failed check's message: the capacity, the overload's figures and, through a
+    front, the end of its log."""
+    seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
+    return f"{seen}\n{front.log()[-3000:]}" if front is not None else seen
+
+
 def overload_at_10x(service, capacity: float, out: Path, front=None) -> dict:
     """60 s at 10x the app's capacity (through `front`'s url, with its log in a failure's
     message, where one is given); requests still waiting 30 s after the end are left
@@ -79,9 +86,7 @@ def overload_at_10x(service, capacity: float, out: Path, front=None) -> dict:
     report = loadtest(service, out, "--scenario", "overload", "--duration", "60",
                       "--capacity", str(capacity), "--stop-timeout", "30", url=url)  # fmt: skip
     overload = report["scenarios"]["overload"]
-    seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
-    if front is not None:
-        seen += f"\n{front.log()[-3000:]}"
+    seen = seen_in(capacity, overload, front)
     assert overload["unexpected_5xx"] == 0, seen
     assert overload["wrong_images"] == 0, seen
     assert overload["outcomes"].get("no_answer", 0) == 0, seen
@@ -92,7 +97,7 @@ def overload_at_10x(service, capacity: float, out: Path, front=None) -> dict:
 
 def test_overload_at_10x_refuses_fast_and_draws_only_correct_images(service, capacity, tmp_path):
     overload = overload_at_10x(service, capacity, tmp_path / "report")
-    seen = f"capacity {capacity}/s; overload:\n{figures(overload)}"
+    seen = seen_in(capacity, overload)
     refusals = overload["refusals"]
     # The target is every refusal within 100 ms; on this 2-core machine it is not met and
     # not held: a third to three quarters take longer. Each costs ~10 ms of CPU in Ray's
@@ -119,7 +124,7 @@ def test_overload_at_10x_through_nginx_refuses_every_one_within_100_ms(service, 
     workdir.mkdir()
     with front_proxy(upstream, workdir, per_client=10_000) as front:
         overload = overload_at_10x(service, capacity, tmp_path / "report", front)
-        seen = f"capacity {capacity}/s; overload:\n{figures(overload)}\n{front.log()[-3000:]}"
+        seen = seen_in(capacity, overload, front)
     refusals = overload["refusals"]
     # Every refusal within 100 ms, net of the load generator's own stalls: it shares the 2
     # cores with the cluster, and the time its own loop stalled while a refusal was in
